@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its test extras.
+# torch goes first, pinned, so that no other requirement pulls a multi-GB CUDA build: on our CPU
+# machines torch==2.13.0 is a CPU build that lies on disk. On a GPU host pick your own build, e.g.
+#   TORCH_SPEC="torch==2.9.1" bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -c "import torch, ray, diffusers; print('torch', torch.__version__, '| ray', ray.__version__, '| diffusers', diffusers.__version__)"

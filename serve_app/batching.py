@@ -1,0 +1,100 @@
+"""Batching policy: what a job is, which jobs can share one pipeline call, how big jobs split.
+
+Pure Python; no torch, no Ray. The model deployment feeds jobs through Ray Serve's `@serve.batch`
+(which counts images with `count_images`), then `group_jobs` splits each batch into groups that can
+run as a single pipeline call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from serve_app.protocol import ResolvedGeneration
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One request's work for the model: a prompt, a geometry and one seed per image.
+
+    ``conditioning`` holds input images (edits, variations) and ``events`` a per-request sink for
+    progress and previews; neither is used by text-to-image, but both take part in grouping and
+    the engine's step callback so later endpoints fit without changing this shape.
+    """
+
+    request_id: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    output_format: str = "png"
+    output_compression: int = 100
+    conditioning: tuple[Any, ...] = ()
+    events: Callable[[dict], None] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def conditioning_shape(self) -> tuple[tuple[int, int], ...]:
+        """Sizes of conditioning images; jobs share a call only if these match."""
+        return tuple(getattr(image, "size", ()) for image in self.conditioning)
+
+    def group_key(self) -> Hashable:
+        """Jobs with equal keys produce equal-shaped tensors and can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance, self.conditioning_shape)
+
+    @classmethod
+    def from_resolved(cls, request_id: str, resolved: ResolvedGeneration) -> ImageJob:
+        return cls(
+            request_id=request_id,
+            prompt=resolved.prompt,
+            width=resolved.width,
+            height=resolved.height,
+            steps=resolved.steps,
+            guidance=resolved.guidance,
+            seeds=tuple(resolved.seeds),
+            output_format=resolved.output_format,
+            output_compression=resolved.output_compression,
+        )
+
+
+def count_images(jobs: Sequence[ImageJob]) -> int:
+    """Batch size in images, not requests (`serve.batch`'s `batch_size_fn`)."""
+    return sum(job.n for job in jobs)
+
+
+def split_job(job: ImageJob, max_images: int) -> list[ImageJob]:
+    """Split a job into chunks of at most `max_images` images, keeping each image's seed.
+
+    A request for more images than a batch holds would otherwise be refused by the batch queue.
+    """
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    if job.n <= max_images:
+        return [job]
+    return [
+        replace(job, seeds=job.seeds[start : start + max_images])
+        for start in range(0, job.n, max_images)
+    ]
+
+
+def group_jobs(jobs: Sequence[ImageJob]) -> list[list[int]]:
+    """Indices of `jobs` grouped by compatibility, groups and members in arrival order."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(job.group_key(), []).append(index)
+    return list(groups.values())
+
+
+def check_batch_output(jobs: Sequence[Any], results: Sequence[Any]) -> None:
+    """A batch function must answer every job exactly once."""
+    if len(results) != len(jobs):
+        raise RuntimeError(
+            f"batch produced {len(results)} results for {len(jobs)} jobs; every job needs exactly "
+            "one result"
+        )

@@ -1,0 +1,48 @@
+"""Pure image codecs: PIL image -> PNG/JPEG/WebP bytes -> base64, and back. No Ray, no torch."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from PIL import Image
+
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode_image(image: Image.Image, output_format: str = "png", compression: int = 100) -> bytes:
+    """Encode one image. `compression` is OpenAI's 0-100 quality knob for jpeg/webp.
+
+    PNG is lossless and ignores it (compress_level 1: speed over a few percent of size). WebP at
+    100 is encoded lossless, so the best quality really is exact.
+    """
+    if output_format not in PIL_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}")
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    elif output_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=max(1, min(compression, 95)))
+    elif compression >= 100:
+        image.save(buffer, format="WEBP", lossless=True)
+    else:
+        image.save(buffer, format="WEBP", quality=compression)
+    return buffer.getvalue()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode bytes into a fully loaded PIL image (raises on corrupt data)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def decode_base64_image(b64: str) -> Image.Image:
+    return decode_image(base64.b64decode(b64))

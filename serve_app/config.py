@@ -1,0 +1,155 @@
+"""The one configuration schema: app builder args, per-model settings and batching knobs.
+
+The YAML files under ``configs/``, the app builder and the README's tables are all fed by these
+models; defaults live here and nowhere else. No torch, no Ray.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+QualityName = Literal["low", "medium", "high"]
+
+# What `source: tiny` changes from the production defaults (explicit fields still win).
+TINY_DEFAULTS: dict[str, Any] = {
+    "quality_steps": {"low": 2, "medium": 4, "high": 8},
+    "default_quality": "medium",
+    "min_side": 64,
+}
+
+
+class StrictModel(BaseModel):
+    """Config is written by operators: a misspelt key is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class QualitySteps(StrictModel):
+    """Denoising steps for each OpenAI quality preset."""
+
+    low: int = Field(12, ge=1, le=100, description="Steps for `quality=low`.")
+    medium: int = Field(
+        20, ge=1, le=100, description="Steps for `quality=medium` (and `standard`)."
+    )
+    high: int = Field(28, ge=1, le=100, description="Steps for `quality=high` (and `hd`).")
+
+
+class ModelConfig(StrictModel):
+    """One served model: where its weights come from and how requests map onto it."""
+
+    id: str = Field(
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        min_length=1,
+        description="Model id clients name in `model`; also listed by `GET /v1/models`.",
+    )
+    source: str = Field(
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        min_length=1,
+        description="`tiny` (the embedded random model), a hub id, or a local directory.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; `auto` = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="`auto` = CUDA when available, else CPU."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where the `tiny` model is saved; default `$SERVE_APP_CACHE` or "
+        "`~/.cache/serve_app`.",
+    )
+    default_size: str = Field("1024x1024", description="Size used for `size=auto` (`WxH`).")
+    min_side: int = Field(256, ge=16, description="Smallest allowed width or height, pixels.")
+    max_side: int = Field(2048, ge=16, description="Largest allowed width or height, pixels.")
+    max_pixels: int = Field(
+        2048 * 2048, ge=256, description="Largest allowed width x height of one image."
+    )
+    quality_steps: QualitySteps = Field(
+        default_factory=QualitySteps, description="Steps per quality preset."
+    )
+    default_quality: QualityName = Field(
+        "high", description="Preset used for `quality=auto` (and when `quality` is absent)."
+    )
+    default_guidance: float = Field(
+        2.5, ge=0, le=100, description="Guidance scale used when `guidance` is absent."
+    )
+    max_sequence_length: int = Field(
+        512, ge=1, le=512, description="T5 text context in tokens; longer prompts get a 400."
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads in the replica; default: the CPUs Ray gave it.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_defaults(cls, data: Any) -> Any:
+        """The embedded tiny model gets presets that keep CPU generation under a second."""
+        if isinstance(data, dict) and data.get("source") == "tiny":
+            data = {**TINY_DEFAULTS, **data}
+        return data
+
+    @field_validator("default_size")
+    @classmethod
+    def _check_default_size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+x\d+", value):
+            raise ValueError(f"default_size must look like 1024x1024, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ModelConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
+        width, height = (int(v) for v in self.default_size.split("x"))
+        for side in (width, height):
+            if side % 16 or not self.min_side <= side <= self.max_side:
+                raise ValueError(
+                    f"default_size {self.default_size} must have sides that are multiples of 16 "
+                    f"within [{self.min_side}, {self.max_side}]"
+                )
+        if width * height > self.max_pixels:
+            raise ValueError(f"default_size {self.default_size} exceeds max_pixels")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        """Ray deployment name for this model; YAML `deployments:` entries refer to it."""
+        return "ImageModel-" + re.sub(r"[^A-Za-z0-9_.-]", "-", self.id)
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching knobs; a model deployment's `user_config`, changeable at runtime."""
+
+    max_batch_images: int = Field(
+        8, ge=1, le=64, description="Most images (sum of `n`) in one batch of pipeline calls."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, le=10, description="How long a batch waits to fill before it runs."
+    )
+
+
+class AppArgs(StrictModel):
+    """Arguments of `serve_app.app:build_app` (the `args:` of a serve config)."""
+
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(id="flux-kontext-tiny", source="tiny")],
+        min_length=1,
+        description="Served models; the first is the default for requests without `model`.",
+    )
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig,
+        description="Default batching for every model deployment (its `user_config`); a YAML "
+        "`deployments:` entry's `user_config` overrides it per deployment.",
+    )
+    max_n: int = Field(10, ge=1, le=100, description="Largest `n` a request may ask for.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AppArgs:
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return self

@@ -1,0 +1,98 @@
+"""Generate the README's reference tables from the pydantic models (one source of truth).
+
+python -m serve_app.docs          # rewrite the generated sections of README.md
+python -m serve_app.docs --check  # exit 1 if README.md is out of date (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from serve_app.config import AppArgs, BatchingConfig, ModelConfig, QualitySteps
+from serve_app.protocol import ImageGenerationRequest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _type_name(annotation) -> str:
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{value}`" for value in get_args(annotation))
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return text.replace("typing.", "").replace("NoneType", "null")
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, BaseModel):
+            return "see below"
+        if isinstance(value, list):
+            return "tiny model" if value else "[]"
+        return repr(value)
+    if field.default is PydanticUndefined:
+        return "required"
+    return f"`{field.default!r}`" if field.default is not None else "—"
+
+
+def fields_table(model: type[BaseModel], prefix: str = "") -> str:
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        description = (field.description or "").replace("|", "\\|")
+        type_name = _type_name(field.annotation)
+        if "\\|" not in type_name:
+            type_name = type_name.replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {type_name} | {_default(field)} | {description} |")
+    return "\n".join(rows)
+
+
+def sections() -> dict[str, str]:
+    return {
+        "request-parameters": fields_table(ImageGenerationRequest),
+        "app-args": "\n\n".join(
+            [
+                "`args:` of `serve_app.app:build_app`\n\n" + fields_table(AppArgs),
+                "Each entry of `models:`\n\n" + fields_table(ModelConfig),
+                "`quality_steps:`\n\n" + fields_table(QualitySteps),
+                "`batching:` (and a model deployment's `user_config`)\n\n"
+                + fields_table(BatchingConfig),
+            ]
+        ),
+    }
+
+
+def render(text: str) -> str:
+    for name, body in sections().items():
+        start, end = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
+        before, found, rest = text.partition(start)
+        if not found:
+            raise SystemExit(f"README.md lacks the marker {start}")
+        _, found, after = rest.partition(end)
+        if not found:
+            raise SystemExit(f"README.md lacks the marker {end}")
+        text = f"{before}{start}\n{body}\n{end}{after}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print("README.md is out of date: run python -m serve_app.docs", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Load and run the FLUX Kontext pipeline. No HTTP, no Ray.
+
+Written as numbered steps like a diffusers ``__call__``: the engine turns a group of compatible
+jobs (see ``serve_app.batching``) into one pipeline call with a prompt list and one seeded
+``torch.Generator`` per image, and returns PIL images per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from serve_app.batching import ImageJob
+from serve_app.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Called after every denoising step with (step index, total steps, jobs of the call, latents).
+StepCallback = Callable[[int, int, Sequence[ImageJob], torch.Tensor], None]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do about it."""
+
+
+def resolve_device(config: ModelConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"model {config.id!r} asks for device 'cuda' but no CUDA GPU is visible to this "
+            "replica; give the deployment a GPU (ray_actor_options.num_gpus) or set device: auto."
+        )
+    return config.device
+
+
+def resolve_dtype(config: ModelConfig, device: str) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[config.dtype]
+
+
+class FluxEngine:
+    """Owns one FluxKontextPipeline; not thread-safe, so callers run one call at a time."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        self.pipe = None
+
+    def load(self) -> None:
+        """1. Find the weights, 2. load them with `from_pretrained`, 3. move to the device."""
+        from diffusers import FluxKontextPipeline
+
+        source = self.config.source
+        if source == "tiny":
+            from serve_app.tiny import ensure_tiny_model
+
+            source = str(ensure_tiny_model(self.config.cache_dir))
+        started = time.perf_counter()
+        try:
+            pipe = FluxKontextPipeline.from_pretrained(source, dtype=self.dtype)
+        except Exception as exc:  # noqa: BLE001 - re-raised with advice
+            raise ModelLoadError(
+                f"could not load model {self.config.id!r} from {source!r}: {exc}. Check that the "
+                "path exists or, for a hub id, that the weights are downloaded (HF_HOME) or "
+                "reachable with access granted (HF_TOKEN)."
+            ) from exc
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        logger.info(
+            "Loaded %s from %s on %s (%s) in %.1fs",
+            self.config.id,
+            source,
+            self.device,
+            self.dtype,
+            time.perf_counter() - started,
+        )
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
+    def count_text_tokens(self, prompt: str) -> int:
+        """Tokens the T5 text encoder would see for `prompt`, end-of-sequence included."""
+        return len(self.pipe.tokenizer_2(prompt, truncation=False).input_ids)
+
+    def generate(
+        self, jobs: Sequence[ImageJob], step_callback: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        """Run compatible jobs as one pipeline call; returns each job's images in seed order."""
+        # 1. Check the jobs really share one call.
+        first = jobs[0]
+        keys = {job.group_key() for job in jobs}
+        if len(keys) != 1:
+            raise ValueError(f"jobs in one pipeline call must share a group key, got {keys}")
+
+        # 2. One prompt and one generator per image; CPU generators make seeds device-independent.
+        prompts = [job.prompt for job in jobs for _ in job.seeds]
+        generators = [
+            torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds
+        ]
+
+        # 3. Per-step hook for progress, previews and cancellation.
+        callback = None
+        if step_callback is not None:
+
+            def callback(pipe, step, timestep, tensors):
+                step_callback(step, first.steps, jobs, tensors["latents"])
+                return {}
+
+        # 4. Denoise and decode. max_area stops Kontext from rescaling to its 1 MP default.
+        with torch.inference_mode():
+            images = self.pipe(
+                prompt=prompts,
+                width=first.width,
+                height=first.height,
+                max_area=first.width * first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                generator=generators,
+                max_sequence_length=self.config.max_sequence_length,
+                callback_on_step_end=callback,
+                output_type="pil",
+            ).images
+
+        # 5. Hand each job its own images.
+        results, start = [], 0
+        for job in jobs:
+            results.append(images[start : start + job.n])
+            start += job.n
+        return results

@@ -1,0 +1,370 @@
+"""OpenAI Images API wire format: request/response models, errors, size and quality resolution.
+
+Pure pydantic; no torch, no Ray, no Starlette. The ingress parses with these models and the
+resolution functions turn a request plus a model's config into the exact work to do, failing fast
+with the offending ``param`` named.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve_app.config import ModelConfig
+
+# OpenAI names "standard"/"hd" (dall-e-3) map onto our presets.
+QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
+QUALITIES = ("auto", "low", "medium", "high", *QUALITY_ALIASES)
+BACKGROUNDS = ("auto", "opaque", "transparent")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+RESPONSE_FORMATS = ("b64_json", "url")
+MAX_SEED = 2**63 - 1
+PATCH = 16  # FLUX: VAE /8 then 2x2 packing -> one image token per 16x16 pixels
+
+
+class APIError(Exception):
+    """An error the client should see, in OpenAI's envelope, with an HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        # A 400 about one parameter is an invalid value unless a more specific code is given.
+        self.code = code or ("invalid_value" if param and status == 400 else None)
+        self.type = type or _default_error_type(status)
+        self.headers = headers or {}
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return (_rebuild_api_error, (self.message, self.status, self.param, self.code, self.type))
+
+    def to_body(self) -> dict[str, Any]:
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        ).model_dump()
+
+
+def _rebuild_api_error(message, status, param, code, type_) -> APIError:
+    return APIError(message, status=status, param=param, code=code, type=type_)
+
+
+def _default_error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class RequestModel(BaseModel):
+    """Requests ignore unknown fields (SDKs add new ones); known fields are type-checked."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageGenerationRequest(RequestModel):
+    """`POST /v1/images/generations` body. `seed` and `num_inference_steps` are extensions."""
+
+    prompt: str = Field(description="Text description of the image.")
+    model: str | None = Field(None, description="Model id; default: the first configured model.")
+    n: int = Field(1, ge=1, description="Number of images (1 to the configured `max_n`).")
+    size: str | None = Field(None, description="`auto` or `WxH`, sides multiples of 16.")
+    quality: str | None = Field(None, description="`auto|low|medium|high` (`standard`, `hd`).")
+    background: str | None = Field(None, description="`auto|opaque` (`transparent` unsupported).")
+    output_format: str | None = Field(None, description="`png|jpeg|webp`; default png.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="0-100 for jpeg/webp; default 100 (best quality)."
+    )
+    response_format: str | None = Field(None, description="`b64_json` (default) or `url`.")
+    guidance: float | None = Field(None, ge=0, le=100, description="Guidance scale.")
+    user: str | None = Field(None, description="End-user id; written to logs only.")
+    stream: bool | None = Field(None, description="Streaming is not available yet.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="Only with `stream`.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Extension: image i uses `seed + i`; random if absent."
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=100, description="Extension: denoising steps, overriding `quality`."
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int = Field(description="Extension: the seed that reproduces this image.")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+    prompt_tokens: int = Field(description="Same as input_tokens, for older clients.")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    background: str
+    output_format: str
+    size: str
+    quality: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "serve_app"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+@dataclass(frozen=True)
+class ResolvedGeneration:
+    """What a validated request asks the model to do, with every default applied."""
+
+    model_id: str
+    prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    quality: str
+    background: str
+    output_format: str
+    output_compression: int
+    seed: int
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        return image_tokens(self.width, self.height)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Image tokens of a FLUX image: one per 16x16 pixel patch."""
+    return (width // PATCH) * (height // PATCH)
+
+
+def parse_model(model_cls: type[RequestModel], data: Any) -> RequestModel:
+    """Validate a decoded body; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_api_error(exc) from None
+
+
+def validation_error_to_api_error(exc: ValidationError) -> APIError:
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        value = first.get("input")
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        message = f"Invalid value for '{param}': {first['msg']} (got {shown[:100]})."
+    return APIError(message, param=param)
+
+
+def parse_size(size: str | None, model: ModelConfig) -> tuple[int, int]:
+    """`auto`/absent -> the model default; `WxH` -> checked against the model's bounds."""
+    if size is None or size == "auto":
+        size = model.default_size
+    match = re.fullmatch(r"(\d{1,6})x(\d{1,6})", size.strip())
+    if not match:
+        raise APIError(
+            f"Invalid size {size!r}: use 'auto' or 'WIDTHxHEIGHT', e.g. '1024x1024'.", param="size"
+        )
+    width, height = int(match[1]), int(match[2])
+    if width % PATCH or height % PATCH:
+        raise APIError(
+            f"Invalid size {size!r}: width and height must be multiples of {PATCH}.", param="size"
+        )
+    for side in (width, height):
+        if not model.min_side <= side <= model.max_side:
+            raise APIError(
+                f"Invalid size {size!r}: each side must be between {model.min_side} and "
+                f"{model.max_side} pixels for model {model.id!r}.",
+                param="size",
+            )
+    if width * height > model.max_pixels:
+        raise APIError(
+            f"Invalid size {size!r}: {width * height} pixels exceeds the limit of "
+            f"{model.max_pixels} for model {model.id!r}.",
+            param="size",
+        )
+    return width, height
+
+
+def resolve_quality(quality: str | None, model: ModelConfig) -> str:
+    """Map an OpenAI quality onto one of our presets (low/medium/high)."""
+    if quality is None or quality == "auto":
+        return model.default_quality
+    if quality not in QUALITIES:
+        raise APIError(
+            f"Invalid quality {quality!r}: expected one of {', '.join(QUALITIES)}.",
+            param="quality",
+        )
+    return QUALITY_ALIASES.get(quality, quality)
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], default: str, param: str) -> str:
+    if value is None:
+        return default
+    if value not in allowed:
+        raise APIError(
+            f"Invalid {param} {value!r}: expected one of {', '.join(allowed)}.", param=param
+        )
+    return value
+
+
+def select_model(requested: str | None, models: dict[str, ModelConfig]) -> ModelConfig:
+    """The named model, or the first configured one; unknown names are a 404."""
+    if requested is None or requested == "":
+        return next(iter(models.values()))
+    if requested not in models:
+        raise APIError(
+            f"The model {requested!r} does not exist. Available: {', '.join(models)}.",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    return models[requested]
+
+
+def resolve_generation(
+    request: ImageGenerationRequest, models: dict[str, ModelConfig], max_n: int
+) -> ResolvedGeneration:
+    """Apply defaults and bounds; raise `APIError` naming the first bad parameter."""
+    model = select_model(request.model, models)
+    if not request.prompt.strip():
+        raise APIError("'prompt' must not be empty.", param="prompt")
+    if request.n > max_n:
+        raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
+    if request.stream:
+        raise APIError(
+            "Streaming ('stream': true) is not supported by this server yet.",
+            param="stream",
+            code="unsupported_value",
+        )
+    background = _choice(request.background, BACKGROUNDS, "auto", "background")
+    if background == "transparent":
+        raise APIError(
+            f"background 'transparent' is not supported: model {model.id!r} cannot produce an "
+            "alpha channel. Use 'auto' or 'opaque'.",
+            param="background",
+            code="unsupported_value",
+        )
+    response_format = _choice(
+        request.response_format, RESPONSE_FORMATS, "b64_json", "response_format"
+    )
+    if response_format == "url":
+        raise APIError(
+            "response_format 'url' is not supported by this server yet; use 'b64_json'.",
+            param="response_format",
+            code="unsupported_value",
+        )
+    output_format = _choice(request.output_format, OUTPUT_FORMATS, "png", "output_format")
+    if request.output_compression is not None and output_format == "png":
+        raise APIError(
+            "output_compression applies only to output_format 'jpeg' or 'webp'.",
+            param="output_compression",
+        )
+    width, height = parse_size(request.size, model)
+    quality = resolve_quality(request.quality, model)
+    steps = request.num_inference_steps or getattr(model.quality_steps, quality)
+    return ResolvedGeneration(
+        model_id=model.id,
+        prompt=request.prompt,
+        n=request.n,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=model.default_guidance if request.guidance is None else request.guidance,
+        quality=quality,
+        background="opaque",
+        output_format=output_format,
+        output_compression=100
+        if request.output_compression is None
+        else request.output_compression,
+        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+    )
+
+
+def build_images_response(
+    resolved: ResolvedGeneration,
+    b64_images: list[str],
+    text_tokens: int,
+    image_input_tokens: int = 0,
+) -> ImagesResponse:
+    """OpenAI's response shape with real usage: text (+ input image) tokens in, image tokens out."""
+    input_tokens = text_tokens + image_input_tokens
+    output_tokens = resolved.n * resolved.image_tokens_per_image
+    return ImagesResponse(
+        created=int(time.time()),
+        data=[
+            ImageData(b64_json=b64, seed=seed)
+            for b64, seed in zip(b64_images, resolved.seeds, strict=True)
+        ],
+        background=resolved.background,
+        output_format=resolved.output_format,
+        size=resolved.size,
+        quality=resolved.quality,
+        usage=Usage(
+            input_tokens=input_tokens,
+            input_tokens_details=InputTokensDetails(
+                text_tokens=text_tokens, image_tokens=image_input_tokens
+            ),
+            output_tokens=output_tokens,
+            total_tokens=input_tokens + output_tokens,
+            prompt_tokens=input_tokens,
+        ),
+    )

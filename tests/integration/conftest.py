@@ -1,0 +1,80 @@
+"""One Ray instance and one running app per test session, deployed from configs/local.yaml.
+
+The app is deployed the way `serve run configs/local.yaml` does it (serve_start with the file's
+http_options, then deploy_apps with the parsed config), with three test-only changes: a free port,
+a fresh model cache directory, and a longer batch wait so that concurrent requests visibly batch.
+"""
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+APP_NAME = "images"
+BATCH_WAIT_S = 0.3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_config(port: int, cache_dir: str) -> dict:
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    config["http_options"]["port"] = port
+    [app] = config["applications"]
+    app["args"]["models"][0]["cache_dir"] = cache_dir
+    for deployment in app["deployments"]:
+        if "user_config" in deployment:
+            deployment["user_config"]["batch_wait_timeout_s"] = BATCH_WAIT_S
+    return config
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_cache_dir):
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve._private.constants import SERVE_NAMESPACE
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(local_config(free_port(), tiny_cache_dir))
+    ray.init(num_cpus=2, namespace=SERVE_NAMESPACE, include_dashboard=False)
+    try:
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+        )
+        client.deploy_apps(config)
+        url = f"http://127.0.0.1:{config.http_options.port}"
+        deadline = time.monotonic() + 180
+        while True:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING":
+                break
+            if status is not None and status.status == "DEPLOY_FAILED":
+                pytest.fail(f"app failed to deploy: {status.message}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"app not running after 180s: {status}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=120) as http_client:
+        yield http_client

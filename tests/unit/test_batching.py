@@ -1,0 +1,78 @@
+"""Pure batching policy: grouping compatible jobs, counting images, splitting big requests."""
+
+import pytest
+from PIL import Image
+
+from serve_app.batching import ImageJob, check_batch_output, count_images, group_jobs, split_job
+
+
+def job(name="r", width=256, height=256, steps=4, guidance=2.5, seeds=(1,), conditioning=()):
+    return ImageJob(
+        request_id=name,
+        prompt="p",
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seeds=tuple(seeds),
+        conditioning=conditioning,
+    )
+
+
+def test_count_images_sums_n():
+    assert count_images([job(seeds=(1, 2, 3)), job(seeds=(4,))]) == 4
+
+
+def test_compatible_jobs_share_a_group_in_arrival_order():
+    jobs = [job("a"), job("b", width=512), job("c"), job("d", steps=8), job("e", width=512)]
+    assert group_jobs(jobs) == [[0, 2], [1, 4], [3]]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        job(width=512),
+        job(height=512),
+        job(steps=8),
+        job(guidance=3.5),
+        job(conditioning=(Image.new("RGB", (64, 64)),)),
+    ],
+)
+def test_any_geometry_difference_splits_groups(other):
+    assert len(group_jobs([job(), other])) == 2
+
+
+def test_conditioning_with_same_shape_shares_a_group():
+    a = job(conditioning=(Image.new("RGB", (64, 32)),))
+    b = job(conditioning=(Image.new("RGB", (64, 32), "red"),))
+    assert group_jobs([a, b]) == [[0, 1]]
+
+
+def test_split_keeps_every_seed_in_order():
+    chunks = split_job(job(seeds=range(10)), 4)
+    assert [c.seeds for c in chunks] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+    assert all(c.request_id == "r" and c.width == 256 for c in chunks)
+
+
+def test_split_leaves_small_jobs_alone():
+    small = job(seeds=(1, 2))
+    assert split_job(small, 2) == [small]
+    with pytest.raises(ValueError):
+        split_job(small, 0)
+
+
+def test_batch_output_count_is_checked():
+    check_batch_output([1, 2], ["a", "b"])
+    with pytest.raises(RuntimeError, match="2 jobs"):
+        check_batch_output([1, 2], ["a"])
+
+
+def test_from_resolved_carries_everything():
+    from serve_app.config import ModelConfig
+    from serve_app.protocol import ImageGenerationRequest, resolve_generation
+
+    model = ModelConfig(id="t", source="tiny")
+    request = ImageGenerationRequest(prompt="a cat", n=2, seed=5, size="128x64")
+    resolved = resolve_generation(request, {"t": model}, 10)
+    made = ImageJob.from_resolved("id1", resolved)
+    assert (made.width, made.height, made.seeds, made.steps) == (128, 64, (5, 6), 4)

@@ -1,0 +1,40 @@
+"""Every serve config under configs/ passes Ray Serve's own schema and builds the app."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve._private.build_app import build_app as ray_build_app
+from ray.serve._private.utils import import_attr
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppArgs, BatchingConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_builds(path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    for app in schema.applications:
+        args = AppArgs.model_validate(app.args)
+        application = import_attr(app.import_path)(app.args)
+        built = ray_build_app(application, name=app.name)
+        names = {deployment.name for deployment in built.deployments}
+        assert {m.deployment_name for m in args.models} <= names
+        for override in app.deployments:
+            assert override.name in names, f"{path.name}: no deployment named {override.name}"
+            if isinstance(override.user_config, dict):
+                batching = BatchingConfig.model_validate(override.user_config)
+                # Ray warns when a replica can never fill a batch.
+                assert override.max_ongoing_requests >= batching.max_batch_images
+
+
+def test_local_config_serves_tiny_with_autoscaling():
+    config = yaml.safe_load((CONFIGS[0].parent / "local.yaml").read_text())
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    [app] = config["applications"]
+    assert app["import_path"] == "serve_app.app:build_app"
+    model = next(d for d in app["deployments"] if d["name"].startswith("ImageModel-"))
+    assert model["autoscaling_config"]["min_replicas"] == 1
+    assert model["autoscaling_config"]["max_replicas"] == 2
