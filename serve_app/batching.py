@@ -18,9 +18,10 @@ from serve_app.protocol import ResolvedGeneration
 class ImageJob:
     """One request's work for the model: a prompt, a geometry and one seed per image.
 
-    ``conditioning`` holds input images (edits, variations) and ``events`` a per-request sink for
-    progress and previews; neither is used by text-to-image, but both take part in grouping and
-    the engine's step callback so later endpoints fit without changing this shape.
+    ``conditioning`` holds the input image canvas that Kontext conditions on (edits, variations),
+    already at its final size; masked edits add ``init_image`` (the image to inpaint, at the output
+    size) and ``mask`` (L mode, 255 = editable). ``events`` is a per-request sink for progress and
+    previews, called from the engine's step callback.
     """
 
     request_id: str
@@ -33,6 +34,8 @@ class ImageJob:
     output_format: str = "png"
     output_compression: int = 100
     conditioning: tuple[Any, ...] = ()
+    init_image: Any = None
+    mask: Any = None
     events: Callable[[dict], None] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -46,10 +49,24 @@ class ImageJob:
 
     def group_key(self) -> Hashable:
         """Jobs with equal keys produce equal-shaped tensors and can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance, self.conditioning_shape)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.conditioning_shape,
+            self.mask is not None,  # masked edits run in the inpaint pipeline
+        )
 
     @classmethod
-    def from_resolved(cls, request_id: str, resolved: ResolvedGeneration) -> ImageJob:
+    def from_resolved(
+        cls,
+        request_id: str,
+        resolved: ResolvedGeneration,
+        conditioning: tuple[Any, ...] = (),
+        init_image: Any = None,
+        mask: Any = None,
+    ) -> ImageJob:
         return cls(
             request_id=request_id,
             prompt=resolved.prompt,
@@ -60,6 +77,9 @@ class ImageJob:
             seeds=tuple(resolved.seeds),
             output_format=resolved.output_format,
             output_compression=resolved.output_compression,
+            conditioning=conditioning,
+            init_image=init_image,
+            mask=mask,
         )
 
 

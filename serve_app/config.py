@@ -13,11 +13,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 QualityName = Literal["low", "medium", "high"]
 
+# The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
+KONTEXT_RESOLUTIONS = [
+    "672x1568", "688x1504", "720x1456", "752x1392", "800x1328", "832x1248", "880x1184",
+    "944x1104", "1024x1024", "1104x944", "1184x880", "1248x832", "1328x800", "1392x752",
+    "1456x720", "1504x688", "1568x672",
+]  # fmt: skip
+
+
+def _half_side(resolution: str) -> str:
+    width, height = (int(v) for v in resolution.split("x"))
+    return f"{round(width / 32) * 16}x{round(height / 32) * 16}"
+
+
 # What `source: tiny` changes from the production defaults (explicit fields still win).
 TINY_DEFAULTS: dict[str, Any] = {
     "quality_steps": {"low": 2, "medium": 4, "high": 8},
     "default_quality": "medium",
     "min_side": 64,
+    # Kontext's buckets at half the side (~0.25 MP): the same aspect ratios, CPU-friendly.
+    "preferred_resolutions": [_half_side(r) for r in KONTEXT_RESOLUTIONS],
 }
 
 
@@ -76,6 +91,18 @@ class ModelConfig(StrictModel):
     default_guidance: float = Field(
         2.5, ge=0, le=100, description="Guidance scale used when `guidance` is absent."
     )
+    preferred_resolutions: list[str] = Field(
+        default_factory=lambda: list(KONTEXT_RESOLUTIONS),
+        min_length=1,
+        description="`WxH` buckets: input images are resized to the one nearest their aspect "
+        "ratio before conditioning, and edits/variations with `size=auto` are generated at it.",
+    )
+    variation_prompt: str = Field(
+        "Create a variation of this image: keep its subject, composition and style, and vary "
+        "the details.",
+        min_length=1,
+        description="Instruction used by `/v1/images/variations`.",
+    )
     max_sequence_length: int = Field(
         512, ge=1, le=512, description="T5 text context in tokens; longer prompts get a 400."
     )
@@ -99,6 +126,19 @@ class ModelConfig(StrictModel):
         if not re.fullmatch(r"\d+x\d+", value):
             raise ValueError(f"default_size must look like 1024x1024, got {value!r}")
         return value
+
+    @field_validator("preferred_resolutions")
+    @classmethod
+    def _check_resolutions(cls, values: list[str]) -> list[str]:
+        for value in values:
+            match = re.fullmatch(r"(\d+)x(\d+)", value)
+            if not match or int(match[1]) % 16 or int(match[2]) % 16:
+                raise ValueError(f"preferred resolution {value!r} must be WxH, multiples of 16")
+        return values
+
+    @property
+    def resolution_buckets(self) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in r.split("x")) for r in self.preferred_resolutions]
 
     @model_validator(mode="after")
     def _check_bounds(self) -> ModelConfig:
@@ -132,6 +172,65 @@ class BatchingConfig(StrictModel):
     )
 
 
+class UploadLimits(StrictModel):
+    """Limits on input images for edits and variations."""
+
+    max_image_bytes: int = Field(
+        25 * 1024 * 1024, ge=1, description="Largest uploaded file, bytes (413 over it)."
+    )
+    max_input_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Largest width x height of an input image (400 over it: decompression bombs).",
+    )
+    max_input_images: int = Field(
+        4, ge=1, le=16, description="Most images in one edit (references are stitched)."
+    )
+    max_request_bytes: int = Field(
+        110 * 1024 * 1024, ge=1, description="Largest request body, bytes (413 over it)."
+    )
+
+
+class StorageConfig(StrictModel):
+    """Where `response_format=url` images are kept, and how their links are signed."""
+
+    backend: Literal["local", "s3"] = Field(
+        "local", description="`local` directory (a shared mount on a cluster) or an `s3` bucket."
+    )
+    local_dir: str | None = Field(
+        None, description="Directory for `local`; default `$SERVE_APP_CACHE/images`."
+    )
+    public_base_url: str | None = Field(
+        None,
+        description="Base of the links for `local`, e.g. `https://images.example.com`; default "
+        "the request's own scheme and Host (set it behind a proxy).",
+    )
+    url_ttl_s: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="How long a link works; files go after that."
+    )
+    secret_env: str = Field(
+        "SERVE_APP_URL_SECRET",
+        description="Environment variable holding the HMAC secret for `local` links. Unset: a "
+        "random secret per ingress process (links then die with the process; set it when the "
+        "ingress has more than one replica).",
+    )
+    cleanup_interval_s: float = Field(
+        300, gt=0, description="How often expired images are deleted."
+    )
+    s3_bucket: str | None = Field(None, description="Bucket for `s3`.")
+    s3_prefix: str = Field("images/", description="Key prefix for `s3`.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, ...); default AWS."
+    )
+    s3_region: str | None = Field(None, description="Region for `s3`.")
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> StorageConfig:
+        if self.backend == "s3" and not self.s3_bucket:
+            raise ValueError("storage.backend 's3' needs storage.s3_bucket")
+        return self
+
+
 class AppArgs(StrictModel):
     """Arguments of `serve_app.app:build_app` (the `args:` of a serve config)."""
 
@@ -146,6 +245,10 @@ class AppArgs(StrictModel):
         "`deployments:` entry's `user_config` overrides it per deployment.",
     )
     max_n: int = Field(10, ge=1, le=100, description="Largest `n` a request may ask for.")
+    limits: UploadLimits = Field(default_factory=UploadLimits, description="Input image limits.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Storage for `response_format=url`."
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppArgs:

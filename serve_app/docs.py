@@ -14,7 +14,14 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from serve_app.config import AppArgs, BatchingConfig, ModelConfig, QualitySteps
+from serve_app.config import (
+    AppArgs,
+    BatchingConfig,
+    ModelConfig,
+    QualitySteps,
+    StorageConfig,
+    UploadLimits,
+)
 from serve_app.protocol import ImageGenerationRequest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -61,6 +68,8 @@ def sections() -> dict[str, str]:
                 "`quality_steps:`\n\n" + fields_table(QualitySteps),
                 "`batching:` (and a model deployment's `user_config`)\n\n"
                 + fields_table(BatchingConfig),
+                "`limits:`\n\n" + fields_table(UploadLimits),
+                "`storage:`\n\n" + fields_table(StorageConfig),
             ]
         ),
     }

@@ -16,6 +16,7 @@ from PIL import Image
 
 from serve_app.batching import ImageJob
 from serve_app.config import ModelConfig
+from serve_app.imageops import composite
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,11 @@ class FluxEngine:
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
         self.pipe = None
+        self.inpaint_pipe = None
 
     def load(self) -> None:
         """1. Find the weights, 2. load them with `from_pretrained`, 3. move to the device."""
-        from diffusers import FluxKontextPipeline
+        from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
 
         source = self.config.source
         if source == "tiny":
@@ -73,9 +75,13 @@ class FluxEngine:
                 "path exists or, for a hub id, that the weights are downloaded (HF_HOME) or "
                 "reachable with access granted (HF_TOKEN)."
             ) from exc
-        pipe.to(self.device)
+        if self.device != "cpu":
+            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        # Masked edits: the inpaint variant over the same modules, no second copy of the weights.
+        self.inpaint_pipe = FluxKontextInpaintPipeline.from_pipe(pipe)
+        self.inpaint_pipe.set_progress_bar_config(disable=True)
         logger.info(
             "Loaded %s from %s on %s (%s) in %.1fs",
             self.config.id,
@@ -117,24 +123,46 @@ class FluxEngine:
                 step_callback(step, first.steps, jobs, tensors["latents"])
                 return {}
 
-        # 4. Denoise and decode. max_area stops Kontext from rescaling to its 1 MP default.
-        with torch.inference_mode():
-            images = self.pipe(
-                prompt=prompts,
-                width=first.width,
-                height=first.height,
-                max_area=first.width * first.height,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance,
-                generator=generators,
-                max_sequence_length=self.config.max_sequence_length,
-                callback_on_step_end=callback,
-                output_type="pil",
-            ).images
+        # 4. Inputs per image: text only, a conditioning canvas, or canvas + image + mask.
+        #    Conditioning arrives at its final size, so the pipelines must not resize it again.
+        def per_image(values):
+            return [value for job, value in zip(jobs, values, strict=True) for _ in job.seeds]
 
-        # 5. Hand each job its own images.
+        kwargs = dict(
+            prompt=prompts,
+            width=first.width,
+            height=first.height,
+            max_area=first.width * first.height,  # stop Kontext rescaling to its 1 MP default
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            generator=generators,
+            max_sequence_length=self.config.max_sequence_length,
+            callback_on_step_end=callback,
+            output_type="pil",
+        )
+        pipe = self.pipe
+        if first.mask is not None:
+            pipe = self.inpaint_pipe
+            kwargs.update(
+                image=per_image(job.init_image for job in jobs),
+                mask_image=per_image(job.mask for job in jobs),
+                image_reference=per_image(job.conditioning[0] for job in jobs),
+                strength=1.0,
+                _auto_resize=False,
+            )
+        elif first.conditioning:
+            kwargs.update(image=per_image(job.conditioning[0] for job in jobs), _auto_resize=False)
+
+        # 5. Denoise and decode.
+        with torch.inference_mode():
+            images = pipe(**kwargs).images
+
+        # 6. Hand each job its own images; masked edits get their unmasked pixels back exactly.
         results, start = [], 0
         for job in jobs:
-            results.append(images[start : start + job.n])
+            own = images[start : start + job.n]
+            if job.mask is not None:
+                own = [composite(image, job.init_image, job.mask) for image in own]
+            results.append(own)
             start += job.n
         return results

@@ -17,23 +17,32 @@ from collections.abc import Awaitable, Callable
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve_app.batching import ImageJob
-from serve_app.codec import to_base64
-from serve_app.config import AppArgs
+from serve_app.codec import UploadError, decode_data_url, decode_upload, to_base64
+from serve_app.config import AppArgs, UploadLimits
+from serve_app.imageops import prepare_conditioning
 from serve_app.protocol import (
     APIError,
+    ImageEditRequest,
     ImageGenerationRequest,
+    ImageOptions,
+    ImageVariationRequest,
     ModelCard,
     ModelList,
+    ResolvedGeneration,
     build_images_response,
+    image_tokens,
     parse_model,
     resolve_generation,
 )
+from serve_app.storage import FILES_ROUTE, LocalImageStore, make_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -98,6 +107,89 @@ def current_request_id(request: Request) -> str:
     return request_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
 
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def check_body_size(request: Request, limit: int) -> None:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise APIError(
+            f"The request body is {length} bytes; the limit is {limit} bytes.",
+            status=413,
+            code="request_too_large",
+        )
+
+
+async def read_multipart(
+    request: Request, limits: UploadLimits, file_fields: tuple[str, ...]
+) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """Scalar fields and (field name, bytes) uploads, in order, with explicit limits.
+
+    File fields other than `file_fields` are refused: nothing the client sent is dropped silently.
+    """
+    try:
+        form = await request.form(
+            max_files=limits.max_input_images + 1, max_fields=64, max_part_size=1024 * 1024
+        )
+    except (MultiPartException, HTTPException) as exc:
+        message = getattr(exc, "message", None) or getattr(exc, "detail", str(exc))
+        if "Too many files" in message:
+            raise APIError(
+                f"Too many files: at most {limits.max_input_images} images (and one mask).",
+                param=file_fields[0],
+            ) from None
+        raise APIError(f"Invalid multipart/form-data body: {message}") from None
+    fields: dict[str, str] = {}
+    files: list[tuple[str, bytes]] = []
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in file_fields:
+                    raise APIError(
+                        f"Unexpected file field {key!r}; this endpoint takes "
+                        f"{', '.join(repr(f) for f in file_fields)}.",
+                        param=key,
+                    )
+                if value.size is not None and value.size > limits.max_image_bytes:
+                    raise APIError(
+                        f"The file in {key!r} is {value.size} bytes; the limit is "
+                        f"{limits.max_image_bytes} bytes.",
+                        status=413,
+                        param=key,
+                        code="file_too_large",
+                    )
+                files.append((key, await value.read()))
+            elif key in fields:
+                raise APIError(f"Parameter {key!r} was sent more than once.", param=key)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    return fields, files
+
+
+def decode_inputs(
+    uploads: list[tuple[str, bytes]], limits: UploadLimits, as_mask: bool = False
+) -> list:
+    """Decode uploads; a bad one is a 400 (or 413) naming its field."""
+    images = []
+    for param, data in uploads:
+        try:
+            image = decode_upload(
+                data,
+                max_bytes=limits.max_image_bytes,
+                max_pixels=limits.max_input_pixels,
+                as_mask=as_mask,
+            )
+        except UploadError as exc:
+            raise APIError(
+                f"Invalid image in {param!r}: {exc}.", status=exc.status, param=param
+            ) from None
+        images.append(image)
+    return images
+
+
 async def read_json(request: Request) -> object:
     body = await request.body()
     if not body:
@@ -115,11 +207,20 @@ class ImagesIngress:
         self.args = AppArgs.model_validate(args)
         self.models = {model.id: model for model in self.args.models}
         self.handles = model_handles
+        self.limits = self.args.limits
+        self.store = make_store(self.args.storage)
         self.created = int(time.time())
+        try:
+            self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
+        except RuntimeError:  # constructed outside an event loop (tests): no background cleanup
+            self._cleanup_task = None
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes = [
             Route("/v1/images/generations", self._wrap(self.create_generation), methods=["POST"]),
+            Route("/v1/images/edits", self._wrap(self.create_edit), methods=["POST"]),
+            Route("/v1/images/variations", self._wrap(self.create_variation), methods=["POST"]),
+            Route(FILES_ROUTE + "/{name}", self._wrap(self.get_file), methods=["GET"]),
             Route("/v1/models", self._wrap(self.list_models), methods=["GET"]),
             Route("/v1/models/{model:path}", self._wrap(self.get_model), methods=["GET"]),
             Route("/health", self._wrap(self.health), methods=["GET"]),
@@ -143,26 +244,65 @@ class ImagesIngress:
 
         return endpoint
 
+    # --- endpoints ---------------------------------------------------------------------------
+
     async def create_generation(self, request: Request) -> Response:
+        check_body_size(request, self.limits.max_request_bytes)
         parsed = parse_model(ImageGenerationRequest, await read_json(request))
         resolved = resolve_generation(parsed, self.models, self.args.max_n)
-        request_id = request.state.request_id
-        logger.info(
-            "generation %s model=%s n=%d size=%s steps=%d user=%s",
-            request_id,
-            resolved.model_id,
-            resolved.n,
-            resolved.size,
-            resolved.steps,
-            parsed.user,
+        return await self._run(request, "generation", parsed, resolved)
+
+    async def create_edit(self, request: Request) -> Response:
+        """Multipart (`image` / `image[]`, `mask`) or JSON (`images[].image_url`, `mask`)."""
+        check_body_size(request, self.limits.max_request_bytes)
+        kind = content_type(request)
+        if kind == "multipart/form-data":
+            fields, files = await read_multipart(request, self.limits, ("image", "image[]", "mask"))
+            parsed = parse_model(ImageEditRequest, fields)
+            image_uploads = [(name, data) for name, data in files if name != "mask"]
+            mask_uploads = [(name, data) for name, data in files if name == "mask"]
+        elif kind == "application/json":
+            parsed = parse_model(ImageEditRequest, await read_json(request))
+            image_uploads = [
+                self._data_url(ref, f"images[{i}]") for i, ref in enumerate(parsed.images or [])
+            ]
+            mask_uploads = [self._data_url(parsed.mask, "mask")] if parsed.mask else []
+        else:
+            raise APIError(
+                "Send edits as multipart/form-data (image files) or application/json (data: URLs).",
+                status=415,
+                code="unsupported_media_type",
+            )
+        if len(mask_uploads) > 1:
+            raise APIError("Send at most one mask.", param="mask")
+        return await self._run_with_images(
+            request, "edit", parsed, image_uploads, mask_uploads[0] if mask_uploads else None
         )
-        job = ImageJob.from_resolved(request_id, resolved)
-        result = await self.handles[resolved.model_id].generate.remote(job)
-        body = build_images_response(
-            resolved, [to_base64(image) for image in result.images], result.text_tokens
+
+    async def create_variation(self, request: Request) -> Response:
+        check_body_size(request, self.limits.max_request_bytes)
+        if content_type(request) != "multipart/form-data":
+            raise APIError(
+                "Send variations as multipart/form-data with one 'image' file.",
+                status=415,
+                code="unsupported_media_type",
+            )
+        fields, files = await read_multipart(request, self.limits, ("image",))
+        parsed = parse_model(ImageVariationRequest, fields)
+        if len(files) > 1:
+            raise APIError("Variations take exactly one 'image'.", param="image")
+        return await self._run_with_images(request, "variation", parsed, files, None)
+
+    async def get_file(self, request: Request) -> Response:
+        if not isinstance(self.store, LocalImageStore):
+            raise APIError("No such image.", status=404, code="not_found")
+        data, media_type = await asyncio.to_thread(
+            self.store.read,
+            request.path_params["name"],
+            request.query_params.get("expires"),
+            request.query_params.get("signature"),
         )
-        headers = {"x-batch-images": ",".join(str(size) for size in result.batch_sizes)}
-        return JSONResponse(body.model_dump(), headers=headers)
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
 
     async def list_models(self, request: Request) -> Response:
         cards = [ModelCard(id=model_id, created=self.created) for model_id in self.models]
@@ -188,6 +328,125 @@ class ImagesIngress:
                 f"Model deployments not ready: {unhealthy}.", status=503, code="not_ready"
             )
         return JSONResponse({"status": "ok", "models": statuses})
+
+    # --- shared steps ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _data_url(ref, param: str) -> tuple[str, bytes]:
+        if ref.image_url is None:
+            raise APIError(
+                "Only image_url with a data: URL is supported (file_id is not).",
+                param=f"{param}.image_url",
+            )
+        try:
+            return f"{param}.image_url", decode_data_url(ref.image_url)
+        except UploadError as exc:
+            raise APIError(
+                f"Invalid {param}.image_url: {exc}.", param=f"{param}.image_url"
+            ) from None
+
+    async def _run_with_images(
+        self,
+        request: Request,
+        endpoint: str,
+        parsed: ImageOptions,
+        image_uploads: list[tuple[str, bytes]],
+        mask_upload: tuple[str, bytes] | None,
+    ) -> Response:
+        """Decode and check input images, resolve the size from them, build the conditioning."""
+        if not image_uploads:
+            raise APIError("Missing required parameter: 'image'.", param="image")
+        if len(image_uploads) > self.limits.max_input_images:
+            raise APIError(
+                f"{len(image_uploads)} images sent; at most {self.limits.max_input_images} "
+                "are accepted.",
+                param=image_uploads[0][0],
+            )
+        images = await asyncio.to_thread(decode_inputs, image_uploads, self.limits)
+        mask = None
+        if mask_upload is not None:
+            [mask] = await asyncio.to_thread(
+                decode_inputs, [mask_upload], self.limits, as_mask=True
+            )
+            if mask.size != images[0].size:
+                raise APIError(
+                    f"The mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                    f"{images[0].size[0]}x{images[0].size[1]}; they must match.",
+                    param="mask",
+                )
+        resolved = resolve_generation(
+            parsed,
+            self.models,
+            self.args.max_n,
+            input_size=images[0].size,
+            masked=mask is not None,
+        )
+        buckets = self.models[resolved.model_id].resolution_buckets
+        conditioning = await asyncio.to_thread(
+            prepare_conditioning, images, mask, (resolved.width, resolved.height), buckets
+        )
+        return await self._run(request, endpoint, parsed, resolved, conditioning)
+
+    async def _run(
+        self,
+        request: Request,
+        endpoint: str,
+        parsed: ImageOptions,
+        resolved: ResolvedGeneration,
+        conditioning=None,
+    ) -> Response:
+        """Send the job to its model deployment and shape the OpenAI response."""
+        request_id = request.state.request_id
+        logger.info(
+            "%s %s model=%s n=%d size=%s steps=%d inputs=%s user=%s",
+            endpoint,
+            request_id,
+            resolved.model_id,
+            resolved.n,
+            resolved.size,
+            resolved.steps,
+            conditioning.canvas.size if conditioning else None,
+            parsed.user,
+        )
+        job = ImageJob.from_resolved(
+            request_id,
+            resolved,
+            conditioning=(conditioning.canvas,) if conditioning else (),
+            init_image=conditioning.init_image if conditioning else None,
+            mask=conditioning.mask if conditioning else None,
+        )
+        result = await self.handles[resolved.model_id].generate.remote(job)
+        b64_images = urls = None
+        if resolved.response_format == "url":
+            base_url = self.args.storage.public_base_url or str(request.base_url)
+            urls = await asyncio.to_thread(
+                lambda: [
+                    self.store.save(image, resolved.output_format, base_url)
+                    for image in result.images
+                ]
+            )
+        else:
+            b64_images = [to_base64(image) for image in result.images]
+        body = build_images_response(
+            resolved,
+            b64_images,
+            result.text_tokens,
+            image_input_tokens=image_tokens(*conditioning.canvas.size) if conditioning else 0,
+            urls=urls,
+        )
+        headers = {"x-batch-images": ",".join(str(size) for size in result.batch_sizes)}
+        return JSONResponse(body.model_dump(), headers=headers)
+
+    async def _cleanup_loop(self) -> None:
+        """Delete expired url images periodically."""
+        while True:
+            await asyncio.sleep(self.args.storage.cleanup_interval_s)
+            try:
+                removed = await asyncio.to_thread(self.store.cleanup)
+                if removed:
+                    logger.info("deleted %d expired images", removed)
+            except Exception:  # noqa: BLE001 - keep cleaning next time
+                logger.exception("image cleanup failed")
 
     def _model_statuses(self) -> dict[str, str]:
         app_name = serve.get_replica_context().app_name

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.config import ModelConfig
+from serve_app.imageops import nearest_resolution
 
 # OpenAI names "standard"/"hd" (dall-e-3) map onto our presets.
 QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
@@ -89,10 +90,9 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class ImageGenerationRequest(RequestModel):
-    """`POST /v1/images/generations` body. `seed` and `num_inference_steps` are extensions."""
+class ImageOptions(RequestModel):
+    """Fields shared by all three endpoints. `seed` and `num_inference_steps` are extensions."""
 
-    prompt: str = Field(description="Text description of the image.")
     model: str | None = Field(None, description="Model id; default: the first configured model.")
     n: int = Field(1, ge=1, description="Number of images (1 to the configured `max_n`).")
     size: str | None = Field(None, description="`auto` or `WxH`, sides multiples of 16.")
@@ -113,6 +113,31 @@ class ImageGenerationRequest(RequestModel):
     num_inference_steps: int | None = Field(
         None, ge=1, le=100, description="Extension: denoising steps, overriding `quality`."
     )
+
+
+class ImageGenerationRequest(ImageOptions):
+    """`POST /v1/images/generations` (JSON)."""
+
+    prompt: str = Field(description="Text description of the image.")
+
+
+class ImageURL(RequestModel):
+    """An input image in JSON edits: a `data:` URL (remote URLs and file ids are refused)."""
+
+    image_url: str | None = Field(None, description="`data:image/png;base64,...`")
+    file_id: str | None = Field(None, description="Not supported: send the image itself.")
+
+
+class ImageEditRequest(ImageOptions):
+    """`POST /v1/images/edits`; `images`/`mask` are the JSON form (multipart sends files)."""
+
+    prompt: str = Field(description="How to edit the image(s).")
+    images: list[ImageURL] | None = Field(None, description="JSON form: input images.")
+    mask: ImageURL | None = Field(None, description="JSON form: mask, alpha 0 = editable.")
+
+
+class ImageVariationRequest(ImageOptions):
+    """`POST /v1/images/variations` (multipart): the instruction is the model's config."""
 
 
 class ImageData(BaseModel):
@@ -173,6 +198,7 @@ class ResolvedGeneration:
     output_format: str
     output_compression: int
     seed: int
+    response_format: str = "b64_json"
 
     @property
     def size(self) -> str:
@@ -280,13 +306,43 @@ def select_model(requested: str | None, models: dict[str, ModelConfig]) -> Model
     return models[requested]
 
 
+def auto_size(
+    model: ModelConfig, input_size: tuple[int, int] | None, masked: bool
+) -> tuple[int, int]:
+    """`size=auto`: the model default; with an input image, its aspect at a preferred resolution.
+
+    A masked edit keeps the input's own size when that is a valid size, so the unmasked region
+    comes back pixel for pixel.
+    """
+    if input_size is None:
+        return parse_size(None, model)
+    if masked:
+        try:
+            return parse_size(f"{input_size[0]}x{input_size[1]}", model)
+        except APIError:
+            pass
+    return nearest_resolution(*input_size, model.resolution_buckets)
+
+
 def resolve_generation(
-    request: ImageGenerationRequest, models: dict[str, ModelConfig], max_n: int
+    request: ImageOptions,
+    models: dict[str, ModelConfig],
+    max_n: int,
+    *,
+    input_size: tuple[int, int] | None = None,
+    masked: bool = False,
 ) -> ResolvedGeneration:
-    """Apply defaults and bounds; raise `APIError` naming the first bad parameter."""
+    """Apply defaults and bounds; raise `APIError` naming the first bad parameter.
+
+    `input_size` is the (first) input image's size for edits and variations.
+    """
     model = select_model(request.model, models)
-    if not request.prompt.strip():
-        raise APIError("'prompt' must not be empty.", param="prompt")
+    if isinstance(request, ImageVariationRequest):
+        prompt = model.variation_prompt
+    else:
+        prompt = request.prompt
+        if not prompt.strip():
+            raise APIError("'prompt' must not be empty.", param="prompt")
     if request.n > max_n:
         raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
     if request.stream:
@@ -306,24 +362,21 @@ def resolve_generation(
     response_format = _choice(
         request.response_format, RESPONSE_FORMATS, "b64_json", "response_format"
     )
-    if response_format == "url":
-        raise APIError(
-            "response_format 'url' is not supported by this server yet; use 'b64_json'.",
-            param="response_format",
-            code="unsupported_value",
-        )
     output_format = _choice(request.output_format, OUTPUT_FORMATS, "png", "output_format")
     if request.output_compression is not None and output_format == "png":
         raise APIError(
             "output_compression applies only to output_format 'jpeg' or 'webp'.",
             param="output_compression",
         )
-    width, height = parse_size(request.size, model)
+    if request.size in (None, "auto"):
+        width, height = auto_size(model, input_size, masked)
+    else:
+        width, height = parse_size(request.size, model)
     quality = resolve_quality(request.quality, model)
     steps = request.num_inference_steps or getattr(model.quality_steps, quality)
     return ResolvedGeneration(
         model_id=model.id,
-        prompt=request.prompt,
+        prompt=prompt,
         n=request.n,
         width=width,
         height=height,
@@ -336,14 +389,16 @@ def resolve_generation(
         if request.output_compression is None
         else request.output_compression,
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        response_format=response_format,
     )
 
 
 def build_images_response(
     resolved: ResolvedGeneration,
-    b64_images: list[str],
+    b64_images: list[str] | None,
     text_tokens: int,
     image_input_tokens: int = 0,
+    urls: list[str] | None = None,
 ) -> ImagesResponse:
     """OpenAI's response shape with real usage: text (+ input image) tokens in, image tokens out."""
     input_tokens = text_tokens + image_input_tokens
@@ -351,8 +406,13 @@ def build_images_response(
     return ImagesResponse(
         created=int(time.time()),
         data=[
-            ImageData(b64_json=b64, seed=seed)
-            for b64, seed in zip(b64_images, resolved.seeds, strict=True)
+            ImageData(b64_json=b64, url=url, seed=seed)
+            for b64, url, seed in zip(
+                b64_images or [None] * resolved.n,
+                urls or [None] * resolved.n,
+                resolved.seeds,
+                strict=True,
+            )
         ],
         background=resolved.background,
         output_format=resolved.output_format,

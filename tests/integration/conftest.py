@@ -1,8 +1,9 @@
 """One Ray instance and one running app per test session, deployed from configs/local.yaml.
 
 The app is deployed the way `serve run configs/local.yaml` does it (serve_start with the file's
-http_options, then deploy_apps with the parsed config), with three test-only changes: a free port,
-a fresh model cache directory, and a longer batch wait so that concurrent requests visibly batch.
+http_options, then deploy_apps with the parsed config), with test-only changes: a free port, fresh
+model cache and image directories, a known URL-signing secret, small upload limits (so limit tests
+send small bodies) and a longer batch wait so that concurrent requests visibly batch.
 """
 
 import socket
@@ -16,6 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "images"
 BATCH_WAIT_S = 0.3
+URL_SECRET = "test-url-secret"
+TEST_LIMITS = {"max_image_bytes": 1_000_000, "max_input_pixels": 4_000_000, "max_input_images": 4}
 
 
 def free_port() -> int:
@@ -24,11 +27,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def local_config(port: int, cache_dir: str) -> dict:
+def local_config(port: int, cache_dir: str, images_dir: str) -> dict:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     config["http_options"]["port"] = port
     [app] = config["applications"]
     app["args"]["models"][0]["cache_dir"] = cache_dir
+    app["args"]["limits"] = TEST_LIMITS
+    app["args"]["storage"] = {"local_dir": images_dir}
+    app["runtime_env"] = {"env_vars": {"SERVE_APP_URL_SECRET": URL_SECRET}}
     for deployment in app["deployments"]:
         if "user_config" in deployment:
             deployment["user_config"]["batch_wait_timeout_s"] = BATCH_WAIT_S
@@ -36,14 +42,21 @@ def local_config(port: int, cache_dir: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def base_url(tiny_cache_dir):
+def images_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("url-images")
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_cache_dir, images_dir):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(local_config(free_port(), tiny_cache_dir))
+    config = ServeDeploySchema.model_validate(
+        local_config(free_port(), tiny_cache_dir, str(images_dir))
+    )
     ray.init(num_cpus=2, namespace=SERVE_NAMESPACE, include_dashboard=False)
     try:
         client = serve_api.serve_start(

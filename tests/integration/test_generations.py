@@ -119,7 +119,7 @@ def test_quality_aliases_and_steps_extension(client):
         ({"model": "dall-e-3"}, openai.NotFoundError, "model", "model_not_found"),
         ({"n": 11}, openai.BadRequestError, "n", "invalid_value"),
         ({"background": "transparent"}, openai.BadRequestError, "background", "unsupported_value"),
-        ({"response_format": "url"}, openai.BadRequestError, "response_format", None),
+        ({"response_format": "link"}, openai.BadRequestError, "response_format", None),
         ({"quality": "ultra"}, openai.BadRequestError, "quality", "invalid_value"),
         ({"prompt": "cat " * 600}, openai.BadRequestError, "prompt", "context_length_exceeded"),
     ],

@@ -42,6 +42,13 @@ def test_any_geometry_difference_splits_groups(other):
     assert len(group_jobs([job(), other])) == 2
 
 
+def test_masked_edits_never_share_a_call_with_plain_edits():
+    canvas = (Image.new("RGB", (64, 64)),)
+    plain = job(conditioning=canvas)
+    masked = ImageJob(**{**plain.__dict__, "mask": Image.new("L", (256, 256))})
+    assert group_jobs([plain, masked, plain]) == [[0, 2], [1]]
+
+
 def test_conditioning_with_same_shape_shares_a_group():
     a = job(conditioning=(Image.new("RGB", (64, 32)),))
     b = job(conditioning=(Image.new("RGB", (64, 32), "red"),))

@@ -119,7 +119,6 @@ def test_quality_picks_model_steps():
         ({"n": 11}, 400, "n", "invalid_value"),
         ({"background": "transparent"}, 400, "background", "unsupported_value"),
         ({"background": "green"}, 400, "background", "invalid_value"),
-        ({"response_format": "url"}, 400, "response_format", "unsupported_value"),
         ({"response_format": "bytes"}, 400, "response_format", "invalid_value"),
         ({"output_format": "gif"}, 400, "output_format", "invalid_value"),
         ({"output_compression": 50}, 400, "output_compression", "invalid_value"),

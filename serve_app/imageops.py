@@ -1,0 +1,99 @@
+"""Geometry of input images: resolution buckets, reference stitching, masks, compositing.
+
+Pure PIL/numpy, no torch: the ingress prepares conditioning here, so jobs reach the batch queue
+with their final tensor shapes (which is what decides which jobs can share a pipeline call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+PATCH = 16
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    width, height = text.split("x")
+    return int(width), int(height)
+
+
+def nearest_resolution(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width/height (as FLUX Kontext picks them)."""
+    aspect = width / height
+    _, best_w, best_h = min((abs(aspect - w / h), w, h) for w, h in buckets)
+    return best_w, best_h
+
+
+def stitch_horizontally(images: list[Image.Image]) -> Image.Image:
+    """Several references side by side at the first image's height: one Kontext conditioning canvas.
+
+    FLUX Kontext conditions on one image; placing references on one canvas is the established way
+    to give it several (the model sees them all and can move content between them).
+    """
+    if len(images) == 1:
+        return images[0]
+    height = images[0].height
+    scaled = [
+        im
+        if im.height == height
+        else im.resize((max(1, round(im.width * height / im.height)), height), Image.LANCZOS)
+        for im in images
+    ]
+    canvas = Image.new("RGB", (sum(im.width for im in scaled), height), (255, 255, 255))
+    x = 0
+    for im in scaled:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    return canvas
+
+
+def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to exactly `size` (no-op when already there)."""
+    return image if image.size == size else image.resize(size, Image.LANCZOS)
+
+
+def editable_mask(mask_rgba: Image.Image) -> Image.Image:
+    """OpenAI mask -> diffusers mask: fully transparent (alpha 0) = editable = white (255)."""
+    alpha = np.asarray(mask_rgba.getchannel("A"))
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L")
+
+
+def composite(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Keep the original's pixels wherever the mask (255 = editable) does not allow edits.
+
+    A VAE round trip alters every pixel slightly; compositing afterwards makes the unmasked region
+    exactly the input.
+    """
+    keep = np.asarray(mask) == 0
+    out = np.asarray(generated.convert("RGB")).copy()
+    out[keep] = np.asarray(original.convert("RGB"))[keep]
+    return Image.fromarray(out)
+
+
+@dataclass
+class Conditioning:
+    """Inputs of an edit at their final sizes: the Kontext canvas, and for masked edits the image
+    to inpaint and the editable mask (255), both at the output size."""
+
+    canvas: Image.Image
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+def prepare_conditioning(
+    images: list[Image.Image],
+    mask_rgba: Image.Image | None,
+    output_size: tuple[int, int],
+    buckets: list[tuple[int, int]],
+) -> Conditioning:
+    """Stitch the references, resize the canvas to its nearest bucket; prepare a masked edit."""
+    canvas = stitch_horizontally(images)
+    canvas = fit(canvas, nearest_resolution(*canvas.size, buckets))
+    if mask_rgba is None:
+        return Conditioning(canvas)
+    mask = editable_mask(mask_rgba)
+    if mask.size != output_size:
+        mask = mask.resize(output_size, Image.NEAREST)
+    return Conditioning(canvas, fit(images[0], output_size), mask)
