@@ -52,6 +52,34 @@ class QualitySteps(StrictModel):
     high: int = Field(28, ge=1, le=100, description="Steps for `quality=high` (and `hd`).")
 
 
+class SpeedConfig(StrictModel):
+    """GPU speed switches, all off by default; each trades something for speed (see README)."""
+
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer's repeated blocks (regional: short compile). "
+        "Each new resolution recompiles once; warm up the sizes you serve.",
+    )
+    quantization: Literal["none", "fp8"] = Field(
+        "none",
+        description="`fp8`: torchao float8 dynamic quantization of the transformer's linear "
+        "layers (CUDA with compute capability >= 8.9; small quality cost).",
+    )
+    first_block_cache_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Enable diffusers' first-block cache: skip the rest of the transformer on "
+        "steps whose first-block residual changed less than this (FLUX: 0.05-0.12; higher is "
+        "faster and drifts further from the uncached image).",
+    )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers attention dispatcher backend, e.g. `flash`, `_native_cudnn`, "
+        "`sage`; default: PyTorch SDPA.",
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: where its weights come from and how requests map onto it."""
 
@@ -105,6 +133,21 @@ class ModelConfig(StrictModel):
     )
     max_sequence_length: int = Field(
         512, ge=1, le=512, description="T5 text context in tokens; longer prompts get a 400."
+    )
+    speed: SpeedConfig = Field(default_factory=SpeedConfig, description="Speed options.")
+    cpu_offload: bool = Field(
+        False,
+        description="Model CPU offload (CUDA only): fits GPUs under ~40 GB at a large speed cost.",
+    )
+    vae_tiling: bool = Field(False, description="Decode in tiles: less memory for large sizes.")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time.")
+    warmup: bool = Field(
+        True,
+        description="Generate once per warm-up size (text-to-image and edit) before the "
+        "replica reports healthy, compiling if `speed.compile`.",
+    )
+    warmup_sizes: list[str] = Field(
+        default_factory=list, description="`WxH` sizes to warm up; default: `default_size`."
     )
     torch_threads: int | None = Field(
         None,

@@ -19,6 +19,7 @@ from serve_app.config import (
     BatchingConfig,
     ModelConfig,
     QualitySteps,
+    SpeedConfig,
     StorageConfig,
     UploadLimits,
 )
@@ -66,6 +67,7 @@ def sections() -> dict[str, str]:
                 "`args:` of `serve_app.app:build_app`\n\n" + fields_table(AppArgs),
                 "Each entry of `models:`\n\n" + fields_table(ModelConfig),
                 "`quality_steps:`\n\n" + fields_table(QualitySteps),
+                "`speed:`\n\n" + fields_table(SpeedConfig),
                 "`batching:` (and a model deployment's `user_config`)\n\n"
                 + fields_table(BatchingConfig),
                 "`limits:`\n\n" + fields_table(UploadLimits),

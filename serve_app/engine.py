@@ -58,38 +58,120 @@ class FluxEngine:
         self.inpaint_pipe = None
 
     def load(self) -> None:
-        """1. Find the weights, 2. load them with `from_pretrained`, 3. move to the device."""
+        """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
         from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
 
-        source = self.config.source
+        config, speed = self.config, self.config.speed
+        if speed.quantization == "fp8" and self.device != "cuda":
+            raise ModelLoadError(
+                f"model {config.id!r}: speed.quantization 'fp8' needs a CUDA GPU (torchao float8 "
+                "kernels); this replica has none. Remove the option or give it a GPU."
+            )
+        if config.cpu_offload and self.device != "cuda":
+            raise ModelLoadError(f"model {config.id!r}: cpu_offload needs a CUDA GPU.")
+
+        source = config.source
         if source == "tiny":
             from serve_app.tiny import ensure_tiny_model
 
-            source = str(ensure_tiny_model(self.config.cache_dir))
+            source = str(ensure_tiny_model(config.cache_dir))
         started = time.perf_counter()
         try:
             pipe = FluxKontextPipeline.from_pretrained(source, dtype=self.dtype)
+            if config.cpu_offload:
+                pipe.enable_model_cpu_offload()
+            elif self.device != "cpu":
+                pipe.to(self.device)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ModelLoadError(
+                f"out of GPU memory loading model {config.id!r}: use a GPU with more memory, "
+                "set cpu_offload: true, or speed.quantization: fp8."
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - re-raised with advice
             raise ModelLoadError(
-                f"could not load model {self.config.id!r} from {source!r}: {exc}. Check that the "
+                f"could not load model {config.id!r} from {source!r}: {exc}. Check that the "
                 "path exists or, for a hub id, that the weights are downloaded (HF_HOME) or "
                 "reachable with access granted (HF_TOKEN)."
             ) from exc
-        if self.device != "cpu":
-            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        if config.vae_tiling:
+            pipe.vae.enable_tiling()
+        if config.vae_slicing:
+            pipe.vae.enable_slicing()
+        self._apply_speed_options(pipe.transformer)
         self.pipe = pipe
         # Masked edits: the inpaint variant over the same modules, no second copy of the weights.
         self.inpaint_pipe = FluxKontextInpaintPipeline.from_pipe(pipe)
         self.inpaint_pipe.set_progress_bar_config(disable=True)
         logger.info(
-            "Loaded %s from %s on %s (%s) in %.1fs",
-            self.config.id,
+            "Loaded %s from %s on %s (%s) in %.1fs; speed options: %s",
+            config.id,
             source,
             self.device,
             self.dtype,
             time.perf_counter() - started,
+            speed.model_dump(),
         )
+
+    def _apply_speed_options(self, transformer) -> None:
+        speed = self.config.speed
+        if speed.attention_backend:
+            try:
+                transformer.set_attention_backend(speed.attention_backend)
+            except Exception as exc:  # noqa: BLE001 - re-raised with advice
+                raise ModelLoadError(
+                    f"model {self.config.id!r}: attention backend "
+                    f"{speed.attention_backend!r} is not usable here: {exc}"
+                ) from exc
+        if speed.quantization == "fp8":
+            try:
+                from torchao.quantization import (
+                    Float8DynamicActivationFloat8WeightConfig,
+                    quantize_,
+                )
+            except ImportError as exc:
+                raise ModelLoadError(
+                    "speed.quantization 'fp8' needs torchao: pip install torchao"
+                ) from exc
+            quantize_(transformer, Float8DynamicActivationFloat8WeightConfig())
+        if speed.first_block_cache_threshold is not None:
+            from diffusers import FirstBlockCacheConfig
+
+            transformer.enable_cache(
+                FirstBlockCacheConfig(threshold=speed.first_block_cache_threshold)
+            )
+        if speed.compile:
+            transformer.compile_repeated_blocks(fullgraph=True)
+
+    def warmup(self) -> None:
+        """One short text-to-image and one edit per warm-up size, so no client pays for first
+        calls (allocator growth, kernel selection, compilation)."""
+        from PIL import Image
+
+        from serve_app.imageops import nearest_resolution, parse_resolution
+
+        sizes = self.config.warmup_sizes or [self.config.default_size]
+        for size in sizes:
+            width, height = parse_resolution(size)
+            canvas = Image.new(
+                "RGB", nearest_resolution(width, height, self.config.resolution_buckets), "gray"
+            )
+            started = time.perf_counter()
+            for conditioning in ((), (canvas,)):
+                job = ImageJob(
+                    request_id="warmup",
+                    prompt="warm-up",
+                    width=width,
+                    height=height,
+                    steps=2,
+                    guidance=self.config.default_guidance,
+                    seeds=(0,),
+                    conditioning=conditioning,
+                )
+                self.generate([job])
+            logger.info(
+                "Warmed up %s at %s in %.1fs", self.config.id, size, time.perf_counter() - started
+            )
 
     @property
     def loaded(self) -> bool:
@@ -153,8 +235,9 @@ class FluxEngine:
         elif first.conditioning:
             kwargs.update(image=per_image(job.conditioning[0] for job in jobs), _auto_resize=False)
 
-        # 5. Denoise and decode.
-        with torch.inference_mode():
+        # 5. Denoise and decode. The cache context is what diffusers' step caches key their state
+        #    on (Kontext has no unconditional pass, so one "cond" context covers the call).
+        with torch.inference_mode(), pipe.transformer.cache_context("cond"):
             images = pipe(**kwargs).images
 
         # 6. Hand each job its own images; masked edits get their unmasked pixels back exactly.

@@ -66,6 +66,8 @@ class ImageModel:
         torch.set_num_threads(_torch_threads(self.config))
         self.engine = (engine_cls or _default_engine_cls())(self.config)
         self.engine.load()
+        if self.config.warmup:
+            self.engine.warmup()
         # The pipeline is not thread-safe: one worker runs every call in order.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._max_batch_images = _DEFAULT_BATCHING.max_batch_images

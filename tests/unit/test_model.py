@@ -28,6 +28,7 @@ def model(tiny_cache_dir):
         "source": "tiny",
         "cache_dir": tiny_cache_dir,
         "max_sequence_length": 16,
+        "warmup_sizes": ["64x64"],
     }
     return ImageModel(config, engine_cls=EngineBrokenForOneSize)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m serve_app.bench <command> --help`."""

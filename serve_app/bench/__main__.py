@@ -1,0 +1,23 @@
+"""`python -m serve_app.bench <command>`: benchmark tools."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve_app.bench import gpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gpu_parser = commands.add_parser("gpu", help=gpu.__doc__.splitlines()[0])
+    gpu.add_arguments(gpu_parser)
+    gpu_parser.set_defaults(run=gpu.run)
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
