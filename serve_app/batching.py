@@ -20,8 +20,11 @@ class ImageJob:
 
     ``conditioning`` holds the input image canvas that Kontext conditions on (edits, variations),
     already at its final size; masked edits add ``init_image`` (the image to inpaint, at the output
-    size) and ``mask`` (L mode, 255 = editable). ``events`` is a per-request sink for progress and
-    previews, called from the engine's step callback.
+    size) and ``mask`` (L mode, 255 = editable). ``events`` is a per-request sink for previews
+    (`PartialImages`) at ``preview_steps``, called from the engine's step callback; ``cancel`` is
+    set when the request goes away, so the engine can stop a pipeline call that only cancelled
+    requests still wait for. ``first_image_index`` is the position of this job's first image in
+    its request (a request split into chunks keeps its image numbering).
     """
 
     request_id: str
@@ -36,7 +39,14 @@ class ImageJob:
     conditioning: tuple[Any, ...] = ()
     init_image: Any = None
     mask: Any = None
-    events: Callable[[dict], None] | None = field(default=None, compare=False, repr=False)
+    preview_steps: tuple[int, ...] = ()
+    first_image_index: int = 0
+    events: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
+    cancel: Any = field(default=None, compare=False, repr=False)  # a threading.Event
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
     @property
     def n(self) -> int:
@@ -66,6 +76,7 @@ class ImageJob:
         conditioning: tuple[Any, ...] = (),
         init_image: Any = None,
         mask: Any = None,
+        partial_images: int = 0,
     ) -> ImageJob:
         return cls(
             request_id=request_id,
@@ -80,6 +91,7 @@ class ImageJob:
             conditioning=conditioning,
             init_image=init_image,
             mask=mask,
+            preview_steps=preview_steps(partial_images, resolved.steps),
         )
 
 
@@ -98,9 +110,39 @@ def split_job(job: ImageJob, max_images: int) -> list[ImageJob]:
     if job.n <= max_images:
         return [job]
     return [
-        replace(job, seeds=job.seeds[start : start + max_images])
+        replace(
+            job,
+            seeds=job.seeds[start : start + max_images],
+            first_image_index=job.first_image_index + start,
+        )
         for start in range(0, job.n, max_images)
     ]
+
+
+class GenerationCancelled(RuntimeError):
+    """Every request of a pipeline call went away; the call stopped at a step boundary."""
+
+
+@dataclass(frozen=True)
+class PartialImages:
+    """Previews of a job's images after denoising step `step` (0-based)."""
+
+    partial_index: int
+    step: int
+    first_image_index: int
+    images: list[Any]
+
+
+def preview_steps(partial_images: int, steps: int) -> tuple[int, ...]:
+    """Evenly spaced steps (0-based, before the last) after which to send previews.
+
+    `partial_images` previews split the run into equal parts; with too few steps, fewer previews
+    are sent (never a duplicate, never the final image).
+    """
+    if partial_images <= 0 or steps <= 1:
+        return ()
+    chosen = {round((k + 1) * steps / (partial_images + 1)) - 1 for k in range(partial_images)}
+    return tuple(sorted(step for step in chosen if 0 <= step < steps - 1))
 
 
 def group_jobs(jobs: Sequence[ImageJob]) -> list[list[int]]:

@@ -131,6 +131,12 @@ class ModelConfig(StrictModel):
         min_length=1,
         description="Instruction used by `/v1/images/variations`.",
     )
+    preview_decoder: Literal["latent_rgb", "vae"] = Field(
+        "latent_rgb",
+        description="Streaming previews: `latent_rgb` projects the denoised-latent estimate to "
+        "RGB linearly (calibrated on the model's VAE at load; ~free, blurry, upscaled) or `vae` "
+        "decodes it fully (exact, costs one VAE decode per preview).",
+    )
     max_sequence_length: int = Field(
         512, ge=1, le=512, description="T5 text context in tokens; longer prompts get a 400."
     )

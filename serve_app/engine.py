@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from serve_app.batching import ImageJob
+from serve_app.batching import GenerationCancelled, ImageJob, PartialImages
 from serve_app.config import ModelConfig
 from serve_app.imageops import composite
 
@@ -56,6 +56,8 @@ class FluxEngine:
         self.dtype = resolve_dtype(config, self.device)
         self.pipe = None
         self.inpaint_pipe = None
+        self._velocity = None  # the transformer's latest prediction, for preview estimates
+        self._preview_projection = None  # (17, 3) latent -> RGB, fitted on this model's VAE
 
     def load(self) -> None:
         """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
@@ -99,7 +101,9 @@ class FluxEngine:
         if config.vae_slicing:
             pipe.vae.enable_slicing()
         self._apply_speed_options(pipe.transformer)
+        pipe.transformer.register_forward_hook(self._remember_velocity)
         self.pipe = pipe
+        self._preview_projection = self._fit_preview_projection()
         # Masked edits: the inpaint variant over the same modules, no second copy of the weights.
         self.inpaint_pipe = FluxKontextInpaintPipeline.from_pipe(pipe)
         self.inpaint_pipe.set_progress_bar_config(disable=True)
@@ -112,6 +116,46 @@ class FluxEngine:
             time.perf_counter() - started,
             speed.model_dump(),
         )
+
+    def _remember_velocity(self, module, args, output) -> None:
+        self._velocity = output[0] if isinstance(output, tuple) else output.sample
+
+    @torch.inference_mode()
+    def _fit_preview_projection(self) -> torch.Tensor:
+        """Least-squares linear map from this model's latents to RGB, for cheap previews.
+
+        Encodes a calibration image of random colour blocks with the model's own VAE and fits
+        RGB (at latent resolution) ~ [latent, 1] @ W, so it works for any VAE, the tiny one too.
+        """
+        import numpy as np
+
+        pipe, cell = self.pipe, self.pipe.vae_scale_factor
+        rng = np.random.default_rng(0)
+        blocks = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)
+        pixels = torch.from_numpy(blocks.repeat(cell, 0).repeat(cell, 1)).float() / 127.5 - 1
+        image = pixels.permute(2, 0, 1)[None].to(self.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(image).latent_dist.mode()
+        latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        features = latents[0].permute(1, 2, 0).reshape(-1, latents.shape[1]).float().cpu()
+        features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
+        target = torch.from_numpy(blocks.reshape(-1, 3)).float() / 127.5 - 1
+        return torch.linalg.lstsq(features, target).solution
+
+    @torch.inference_mode()
+    def decode_preview(
+        self, packed_latents: torch.Tensor, width: int, height: int
+    ) -> list[Image.Image]:
+        """Images from packed latents with the configured preview decoder."""
+        pipe = self.pipe
+        latents = pipe._unpack_latents(packed_latents, height, width, pipe.vae_scale_factor)
+        if self.config.preview_decoder == "vae":
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+            return pipe.image_processor.postprocess(decoded, output_type="pil")
+        projection = self._preview_projection
+        rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), projection[:-1]) + projection[-1]
+        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        return [Image.fromarray(p).resize((width, height), Image.BILINEAR) for p in pixels]
 
     def _apply_speed_options(self, transformer) -> None:
         speed = self.config.speed
@@ -197,13 +241,37 @@ class FluxEngine:
             torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds
         ]
 
-        # 3. Per-step hook for progress, previews and cancellation.
-        callback = None
-        if step_callback is not None:
+        # 3. Per-step hook: stop when every request is gone, send previews, report progress.
+        offsets = [sum(job.n for job in jobs[:i]) for i in range(len(jobs))]
 
-            def callback(pipe, step, timestep, tensors):
-                step_callback(step, first.steps, jobs, tensors["latents"])
-                return {}
+        def callback(pipe, step, timestep, tensors):
+            if all(job.cancelled for job in jobs):
+                raise GenerationCancelled(f"all {len(jobs)} requests cancelled at step {step}")
+            latents = tensors["latents"]
+            previews = [
+                (offset, job)
+                for offset, job in zip(offsets, jobs, strict=True)
+                if job.events is not None and step in job.preview_steps and not job.cancelled
+            ]
+            if previews:
+                # Flow matching: x_next = x + (sigma_next - sigma) * v, so the current estimate
+                # of the final latents is x_next - sigma_next * v.
+                sigma_next = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)
+                velocity = self._velocity[:, : latents.shape[1]].to(latents.dtype)
+                for offset, job in previews:
+                    rows = slice(offset, offset + job.n)
+                    denoised = latents[rows] - sigma_next * velocity[rows]
+                    job.events(
+                        PartialImages(
+                            partial_index=job.preview_steps.index(step),
+                            step=step,
+                            first_image_index=job.first_image_index,
+                            images=self.decode_preview(denoised, first.width, first.height),
+                        )
+                    )
+            if step_callback is not None:
+                step_callback(step, first.steps, jobs, latents)
+            return {}
 
         # 4. Inputs per image: text only, a conditioning canvas, or canvas + image + mask.
         #    Conditioning arrives at its final size, so the pipelines must not resize it again.
@@ -237,8 +305,12 @@ class FluxEngine:
 
         # 5. Denoise and decode. The cache context is what diffusers' step caches key their state
         #    on (Kontext has no unconditional pass, so one "cond" context covers the call).
-        with torch.inference_mode(), pipe.transformer.cache_context("cond"):
-            images = pipe(**kwargs).images
+        try:
+            with torch.inference_mode(), pipe.transformer.cache_context("cond"):
+                images = pipe(**kwargs).images
+        except BaseException:
+            pipe.maybe_free_model_hooks()  # reset step caches left mid-call
+            raise
 
         # 6. Hand each job its own images; masked edits get their unmasked pixels back exactly.
         results, start = [], 0

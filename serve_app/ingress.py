@@ -15,13 +15,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from serve_app.batching import ImageJob
@@ -38,9 +39,12 @@ from serve_app.protocol import (
     ModelList,
     ResolvedGeneration,
     build_images_response,
+    build_usage,
     image_tokens,
     parse_model,
     resolve_generation,
+    sse,
+    stream_event,
 )
 from serve_app.storage import FILES_ROUTE, LocalImageStore, make_store
 
@@ -56,6 +60,14 @@ def error_response(exc: Exception, request_id: str | None = None) -> JSONRespons
         error = exc
     elif isinstance(exc, HTTPException):
         error = _http_exception_to_api_error(exc)
+    elif isinstance(exc, (RayActorError, ActorUnavailableError)):
+        logger.warning("request %s lost its model replica: %s", request_id, exc)
+        error = APIError(
+            "The model replica serving this request failed; it is being replaced. Retry shortly.",
+            status=503,
+            code="model_unavailable",
+            headers={"Retry-After": "1"},
+        )
     elif isinstance(exc, BackPressureError):
         error = APIError(
             "The server is at capacity; retry shortly.",
@@ -414,7 +426,12 @@ class ImagesIngress:
             conditioning=(conditioning.canvas,) if conditioning else (),
             init_image=conditioning.init_image if conditioning else None,
             mask=conditioning.mask if conditioning else None,
+            partial_images=resolved.partial_images,
         )
+        image_input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
+        if resolved.stream:
+            kind = "image_edit" if endpoint == "edit" else "image_generation"
+            return await self._stream(request_id, kind, resolved, job, image_input_tokens)
         result = await self.handles[resolved.model_id].generate.remote(job)
         b64_images = urls = None
         if resolved.response_format == "url":
@@ -431,11 +448,59 @@ class ImagesIngress:
             resolved,
             b64_images,
             result.text_tokens,
-            image_input_tokens=image_tokens(*conditioning.canvas.size) if conditioning else 0,
+            image_input_tokens=image_input_tokens,
             urls=urls,
         )
         headers = {"x-batch-images": ",".join(str(size) for size in result.batch_sizes)}
         return JSONResponse(body.model_dump(), headers=headers)
+
+    async def _stream(
+        self,
+        request_id: str,
+        kind: str,
+        resolved: ResolvedGeneration,
+        job: ImageJob,
+        image_input_tokens: int,
+    ) -> Response:
+        """Server-sent events: each image's partial images, then one completed event per image.
+
+        The model's first event comes after validation, so a bad request still gets a plain JSON
+        error; a failure after the stream started ends it with an `error` event.
+        """
+        handle = self.handles[resolved.model_id].options(stream=True)
+        events = handle.generate_stream.remote(job)
+        accepted = await events.__anext__()
+
+        async def body():
+            try:
+                async for item in events:
+                    if item["type"] == "partial":
+                        event = stream_event(
+                            resolved,
+                            kind,
+                            item["image_index"],
+                            to_base64(item["image"]),
+                            partial_image_index=item["partial_image_index"],
+                        )
+                        yield sse(event["type"], event)
+                    elif item["type"] == "completed":
+                        usage = build_usage(resolved, accepted["text_tokens"], image_input_tokens)
+                        for index, image in enumerate(item["result"].images):
+                            event = stream_event(
+                                resolved, kind, index, to_base64(image), usage=usage
+                            )
+                            yield sse(event["type"], event)
+            except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
+                failure = error_response(_unwrap_remote_error(exc), request_id)
+                yield sse("error", json.loads(failure.body))
+            finally:
+                events.cancel()  # a client that left stops the model's work too
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def _cleanup_loop(self) -> None:
         """Delete expired url images periodically."""

@@ -5,20 +5,36 @@ request: check the prompt fits the text context (before batching, so a bad reque
 batch) -> split into chunks that fit a batch -> `@serve.batch` collects chunks from many requests,
 counting images -> compatible groups run as one pipeline call each, off the event loop -> the
 request encodes its own images off the event loop while the next batch runs.
+
+Cancellation: when a caller goes away (client disconnect, timeout), Ray Serve cancels the request's
+coroutine here. A request still queued never runs (`serve.batch` drops cancelled requests); a
+running one is flagged, and the engine stops a pipeline call at the next step once every request
+in it is flagged; a batch-mate that is still wanted keeps the call going and gets its images.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ray import serve
 
-from serve_app.batching import ImageJob, check_batch_output, count_images, group_jobs, split_job
+from serve_app.batching import (
+    GenerationCancelled,
+    ImageJob,
+    PartialImages,
+    check_batch_output,
+    count_images,
+    group_jobs,
+    split_job,
+)
 from serve_app.codec import encode_image
 from serve_app.config import BatchingConfig, ModelConfig
 from serve_app.protocol import APIError
@@ -35,6 +51,28 @@ class GenerationResult:
     images: list[bytes]
     text_tokens: int
     batch_sizes: list[int]  # images in each batch this request's chunks ran in (observability)
+
+
+def _metrics(model_id: str) -> tuple[Any, Any]:
+    """Progress metrics (Prometheus through Ray); absent outside a Ray cluster."""
+    try:
+        from ray.serve.metrics import Counter, Gauge
+
+        steps = Counter(
+            "serve_app_denoising_steps",
+            description="Denoising steps run, counted per image.",
+            tag_keys=("model",),
+        )
+        progress = Gauge(
+            "serve_app_pipeline_progress",
+            description="Fraction of the denoising steps done by the pipeline call running now.",
+            tag_keys=("model",),
+        )
+        steps.set_default_tags({"model": model_id})
+        progress.set_default_tags({"model": model_id})
+        return steps, progress
+    except Exception:  # noqa: BLE001 - metrics are optional outside Ray
+        return None, None
 
 
 def _default_engine_cls():
@@ -71,6 +109,7 @@ class ImageModel:
         # The pipeline is not thread-safe: one worker runs every call in order.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._max_batch_images = _DEFAULT_BATCHING.max_batch_images
+        self._steps_metric, self._progress_metric = _metrics(self.config.id)
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
         )
@@ -101,9 +140,66 @@ class ImageModel:
 
     async def generate(self, job: ImageJob) -> GenerationResult:
         """Generate and encode every image of one request."""
+        return await self._generate(job, self.count_text_tokens(job.prompt))
+
+    async def generate_stream(self, job: ImageJob) -> AsyncIterator[dict]:
+        """Streaming variant: `accepted` (after validation), `partial` previews, `completed`.
+
+        Previews travel from the pipeline thread through a per-request queue; each is encoded in
+        the request's output format off the event loop.
+        """
         text_tokens = self.count_text_tokens(job.prompt)
+        yield {"type": "accepted", "text_tokens": text_tokens}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job = replace(
+            job,
+            events=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+            cancel=threading.Event(),
+        )
+        task = asyncio.ensure_future(self._generate(job, text_tokens))
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                for event in await asyncio.to_thread(self._encode_partials, job, getter.result()):
+                    yield event
+            while not queue.empty():
+                for event in await asyncio.to_thread(
+                    self._encode_partials, job, queue.get_nowait()
+                ):
+                    yield event
+            yield {"type": "completed", "result": task.result()}
+        finally:
+            if not task.done():
+                job.cancel.set()
+                task.cancel()
+
+    @staticmethod
+    def _encode_partials(job: ImageJob, event: PartialImages) -> list[dict]:
+        return [
+            {
+                "type": "partial",
+                "image_index": event.first_image_index + k,
+                "partial_image_index": event.partial_index,
+                "image": encode_image(image, job.output_format, job.output_compression),
+            }
+            for k, image in enumerate(event.images)
+        ]
+
+    async def _generate(self, job: ImageJob, text_tokens: int) -> GenerationResult:
+        if job.cancel is None:
+            job = replace(job, cancel=threading.Event())
         chunks = split_job(job, self._max_batch_images)
-        outcomes = await asyncio.gather(*(self._run_batch(chunk) for chunk in chunks))
+        try:
+            outcomes = await asyncio.gather(*(self._run_batch(chunk) for chunk in chunks))
+        except asyncio.CancelledError:
+            job.cancel.set()  # the engine stops a call once all of its requests are gone
+            logger.info("request %s cancelled", job.request_id)
+            raise
         images, batch_sizes = [], []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -135,10 +231,19 @@ class ImageModel:
         loop = asyncio.get_running_loop()
         for group in groups:
             members = [jobs[i] for i in group]
+            if all(job.cancelled for job in members):
+                outputs = [asyncio.CancelledError()] * len(members)
+                for index, output in zip(group, outputs, strict=True):
+                    results[index] = output
+                continue
             try:
                 outputs = await loop.run_in_executor(
-                    self._pipeline_thread, self.engine.generate, members
+                    self._pipeline_thread,
+                    functools.partial(self.engine.generate, members, self._on_step),
                 )
+            except GenerationCancelled as exc:
+                logger.info("pipeline call stopped early: %s", exc)
+                outputs = [exc] * len(members)
             except Exception as exc:  # noqa: BLE001 - reported to the group's requests only
                 logger.exception(
                     "pipeline call failed for requests %s", [job.request_id for job in members]
@@ -155,3 +260,12 @@ class ImageModel:
         )
         check_batch_output(jobs, results)
         return results
+
+    def _on_step(self, step: int, total: int, jobs: list[ImageJob], latents: Any) -> None:
+        """Progress of the running pipeline call: debug log per request, and metrics."""
+        if self._steps_metric is not None:
+            self._steps_metric.inc(count_images(jobs))
+            self._progress_metric.set((step + 1) / total)
+        if logger.isEnabledFor(logging.DEBUG):
+            for job in jobs:
+                logger.debug("request %s: step %d/%d", job.request_id, step + 1, total)

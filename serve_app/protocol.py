@@ -7,6 +7,7 @@ with the offending ``param`` named.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -105,8 +106,12 @@ class ImageOptions(RequestModel):
     response_format: str | None = Field(None, description="`b64_json` (default) or `url`.")
     guidance: float | None = Field(None, ge=0, le=100, description="Guidance scale.")
     user: str | None = Field(None, description="End-user id; written to logs only.")
-    stream: bool | None = Field(None, description="Streaming is not available yet.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Only with `stream`.")
+    stream: bool | None = Field(
+        None, description="Server-sent events: partial images, then the final ones."
+    )
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Previews per image while streaming (0-3); default 0."
+    )
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Extension: image i uses `seed + i`; random if absent."
     )
@@ -199,6 +204,8 @@ class ResolvedGeneration:
     output_compression: int
     seed: int
     response_format: str = "b64_json"
+    stream: bool = False
+    partial_images: int = 0
 
     @property
     def size(self) -> str:
@@ -345,12 +352,14 @@ def resolve_generation(
             raise APIError("'prompt' must not be empty.", param="prompt")
     if request.n > max_n:
         raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
-    if request.stream:
+    if request.stream and isinstance(request, ImageVariationRequest):
         raise APIError(
-            "Streaming ('stream': true) is not supported by this server yet.",
+            "Streaming is available for generations and edits, not variations.",
             param="stream",
             code="unsupported_value",
         )
+    if request.partial_images is not None and not request.stream:
+        raise APIError("partial_images applies only with stream: true.", param="partial_images")
     background = _choice(request.background, BACKGROUNDS, "auto", "background")
     if background == "transparent":
         raise APIError(
@@ -362,6 +371,12 @@ def resolve_generation(
     response_format = _choice(
         request.response_format, RESPONSE_FORMATS, "b64_json", "response_format"
     )
+    if request.stream and response_format == "url":
+        raise APIError(
+            "Streamed images are sent as b64_json; response_format 'url' cannot be streamed.",
+            param="response_format",
+            code="unsupported_value",
+        )
     output_format = _choice(request.output_format, OUTPUT_FORMATS, "png", "output_format")
     if request.output_compression is not None and output_format == "png":
         raise APIError(
@@ -390,6 +405,23 @@ def resolve_generation(
         else request.output_compression,
         seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
         response_format=response_format,
+        stream=bool(request.stream),
+        partial_images=request.partial_images or 0,
+    )
+
+
+def build_usage(resolved: ResolvedGeneration, text_tokens: int, image_input_tokens: int) -> Usage:
+    """Real counts: text (+ input image) tokens in, image tokens out."""
+    input_tokens = text_tokens + image_input_tokens
+    output_tokens = resolved.n * resolved.image_tokens_per_image
+    return Usage(
+        input_tokens=input_tokens,
+        input_tokens_details=InputTokensDetails(
+            text_tokens=text_tokens, image_tokens=image_input_tokens
+        ),
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        prompt_tokens=input_tokens,
     )
 
 
@@ -400,9 +432,7 @@ def build_images_response(
     image_input_tokens: int = 0,
     urls: list[str] | None = None,
 ) -> ImagesResponse:
-    """OpenAI's response shape with real usage: text (+ input image) tokens in, image tokens out."""
-    input_tokens = text_tokens + image_input_tokens
-    output_tokens = resolved.n * resolved.image_tokens_per_image
+    """OpenAI's response shape for all three endpoints."""
     return ImagesResponse(
         created=int(time.time()),
         data=[
@@ -418,13 +448,41 @@ def build_images_response(
         output_format=resolved.output_format,
         size=resolved.size,
         quality=resolved.quality,
-        usage=Usage(
-            input_tokens=input_tokens,
-            input_tokens_details=InputTokensDetails(
-                text_tokens=text_tokens, image_tokens=image_input_tokens
-            ),
-            output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
-            prompt_tokens=input_tokens,
-        ),
+        usage=build_usage(resolved, text_tokens, image_input_tokens),
     )
+
+
+def stream_event(
+    resolved: ResolvedGeneration,
+    kind: str,
+    image_index: int,
+    b64_json: str,
+    partial_image_index: int | None = None,
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    """One streaming event: `{kind}.partial_image` (with an index) or `{kind}.completed`.
+
+    `kind` is `image_generation` or `image_edit`. `image_index` and `seed` are extensions that say
+    which of the request's `n` images the event belongs to.
+    """
+    event: dict[str, Any] = {
+        "type": f"{kind}.partial_image" if usage is None else f"{kind}.completed",
+        "b64_json": b64_json,
+        "background": resolved.background,
+        "created_at": int(time.time()),
+        "output_format": resolved.output_format,
+        "quality": resolved.quality,
+        "size": resolved.size,
+        "image_index": image_index,
+        "seed": resolved.seed + image_index,
+    }
+    if usage is None:
+        event["partial_image_index"] = partial_image_index
+    else:
+        event["usage"] = usage.model_dump()
+    return event
+
+
+def sse(event_type: str, data: dict[str, Any]) -> str:
+    """A server-sent event as OpenAI sends them: `event:` line, `data:` JSON line, blank line."""
+    return f"event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -47,7 +47,12 @@ def images_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_url(tiny_cache_dir, images_dir):
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_cache_dir, images_dir, metrics_port):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
@@ -57,7 +62,13 @@ def base_url(tiny_cache_dir, images_dir):
     config = ServeDeploySchema.model_validate(
         local_config(free_port(), tiny_cache_dir, str(images_dir))
     )
-    ray.init(num_cpus=2, namespace=SERVE_NAMESPACE, include_dashboard=False)
+    ray.init(
+        num_cpus=2,
+        namespace=SERVE_NAMESPACE,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,  # Prometheus text format, as an operator scrapes it
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         client = serve_api.serve_start(
             http_options=config.http_options.model_dump(), proxy_location=config.proxy_location

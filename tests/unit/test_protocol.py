@@ -122,7 +122,8 @@ def test_quality_picks_model_steps():
         ({"response_format": "bytes"}, 400, "response_format", "invalid_value"),
         ({"output_format": "gif"}, 400, "output_format", "invalid_value"),
         ({"output_compression": 50}, 400, "output_compression", "invalid_value"),
-        ({"stream": True}, 400, "stream", "unsupported_value"),
+        ({"partial_images": 2}, 400, "partial_images", "invalid_value"),
+        ({"stream": True, "response_format": "url"}, 400, "response_format", "unsupported_value"),
     ],
 )
 def test_resolution_errors_name_the_param(fields, status, param, code):
