@@ -43,6 +43,7 @@ class ImageJob:
     first_image_index: int = 0
     events: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
     cancel: Any = field(default=None, compare=False, repr=False)  # a threading.Event
+    received_at: float = field(default=0.0, compare=False)  # monotonic, when the replica got it
 
     @property
     def cancelled(self) -> bool:

@@ -155,6 +155,12 @@ class ModelConfig(StrictModel):
     warmup_sizes: list[str] = Field(
         default_factory=list, description="`WxH` sizes to warm up; default: `default_size`."
     )
+    max_pipeline_call_s: float = Field(
+        900,
+        gt=0,
+        description="A pipeline call running longer than this counts as hung: the replica "
+        "fails its health check and Ray Serve replaces it.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,
@@ -222,7 +228,7 @@ class BatchingConfig(StrictModel):
 
 
 class UploadLimits(StrictModel):
-    """Limits on input images for edits and variations."""
+    """Limits on requests and on input images for edits and variations."""
 
     max_image_bytes: int = Field(
         25 * 1024 * 1024, ge=1, description="Largest uploaded file, bytes (413 over it)."
@@ -238,6 +244,40 @@ class UploadLimits(StrictModel):
     max_request_bytes: int = Field(
         110 * 1024 * 1024, ge=1, description="Largest request body, bytes (413 over it)."
     )
+    max_json_bytes: int = Field(
+        1024 * 1024, ge=1, description="Largest JSON body without images, bytes (413 over it)."
+    )
+    max_prompt_chars: int = Field(
+        20_000, ge=1, description="Longest prompt in characters, checked before tokenizing."
+    )
+    max_pixels_per_request: int = Field(
+        10 * 1024 * 1024,
+        ge=1,
+        description="Most output pixels in one request (n x width x height).",
+    )
+    request_timeout_s: float = Field(
+        300,
+        gt=0,
+        description="Longest a request may take end to end; past it the work is cancelled and "
+        "the client gets a 504 (keep Ray's http_options.request_timeout_s above it).",
+    )
+
+
+class AuthConfig(StrictModel):
+    """Optional API keys. Keys never appear in config: only where to read them from."""
+
+    api_keys_env: str | None = Field(
+        None,
+        description="Environment variable holding one key, or several separated by commas "
+        "(named `env-1`, `env-2`, ...).",
+    )
+    api_keys_file: str | None = Field(
+        None, description="YAML file mapping a name to each key (`alice: sk-...`)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
 
 
 class StorageConfig(StrictModel):
@@ -294,7 +334,10 @@ class AppArgs(StrictModel):
         "`deployments:` entry's `user_config` overrides it per deployment.",
     )
     max_n: int = Field(10, ge=1, le=100, description="Largest `n` a request may ask for.")
-    limits: UploadLimits = Field(default_factory=UploadLimits, description="Input image limits.")
+    limits: UploadLimits = Field(
+        default_factory=UploadLimits, description="Request and input image limits."
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Storage for `response_format=url`."
     )

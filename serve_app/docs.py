@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 
 from serve_app.config import (
     AppArgs,
+    AuthConfig,
     BatchingConfig,
     ModelConfig,
     QualitySteps,
@@ -72,6 +73,7 @@ def sections() -> dict[str, str]:
                 + fields_table(BatchingConfig),
                 "`limits:`\n\n" + fields_table(UploadLimits),
                 "`storage:`\n\n" + fields_table(StorageConfig),
+                "`auth:`\n\n" + fields_table(AuthConfig),
             ]
         ),
     }

@@ -25,10 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serve_app.auth import KeyStore
 from serve_app.batching import ImageJob
 from serve_app.codec import UploadError, decode_data_url, decode_upload, to_base64
 from serve_app.config import AppArgs, UploadLimits
 from serve_app.imageops import prepare_conditioning
+from serve_app.metrics import IngressMetrics
+from serve_app.openapi import openapi_document
 from serve_app.protocol import (
     APIError,
     ImageEditRequest,
@@ -75,14 +78,23 @@ def error_response(exc: Exception, request_id: str | None = None) -> JSONRespons
             code="server_overloaded",
             headers={"Retry-After": "1"},
         )
+    elif isinstance(exc, TimeoutError):
+        error = APIError(
+            "The request took longer than the server's time limit and was cancelled.",
+            status=504,
+            code="timeout",
+        )
     else:
         logger.error("request %s failed", request_id, exc_info=exc)
         error = APIError(
-            f"The server had an error while processing the request (request id {request_id}).",
+            "The server had an error while processing the request.",
             status=500,
             code="internal_error",
         )
-    return JSONResponse(error.to_body(), status_code=error.status, headers=error.headers)
+    body = error.to_body()
+    if request_id:
+        body["error"]["message"] += f" (request id {request_id})"
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def _http_exception_to_api_error(exc: HTTPException) -> APIError:
@@ -140,6 +152,12 @@ async def read_multipart(
 
     File fields other than `file_fields` are refused: nothing the client sent is dropped silently.
     """
+    if "content-length" not in request.headers:
+        raise APIError(
+            "multipart uploads need a Content-Length header.",
+            status=411,
+            code="length_required",
+        )
     try:
         form = await request.form(
             max_files=limits.max_input_images + 1, max_fields=64, max_part_size=1024 * 1024
@@ -202,14 +220,34 @@ def decode_inputs(
     return images
 
 
-async def read_json(request: Request) -> object:
-    body = await request.body()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) more than `limit` bytes even without a Content-Length."""
+    check_body_size(request, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                f"The request body exceeds the limit of {limit} bytes.",
+                status=413,
+                code="request_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    body = await read_body(request, limit)
     if not body:
         raise APIError("The request body is empty; send a JSON object.")
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"The request body is not valid JSON: {exc}.") from None
+
+
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1/") and not path.startswith(FILES_ROUTE + "/")
 
 
 class ImagesIngress:
@@ -221,21 +259,34 @@ class ImagesIngress:
         self.handles = model_handles
         self.limits = self.args.limits
         self.store = make_store(self.args.storage)
+        self.keys = KeyStore.from_config(self.args.auth)
+        self.metrics = IngressMetrics()
+        self._openapi = openapi_document(self.args)
         self.created = int(time.time())
+        logger.info(
+            "ImagesIngress: models %s, API keys %s",
+            list(self.models),
+            f"required ({len(self.keys)} configured)" if self.keys else "not required",
+        )
         try:
             self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
         except RuntimeError:  # constructed outside an event loop (tests): no background cleanup
             self._cleanup_task = None
 
     def __serve_build_asgi_app__(self) -> Starlette:
+        table = [
+            ("/v1/images/generations", self.create_generation, "POST"),
+            ("/v1/images/edits", self.create_edit, "POST"),
+            ("/v1/images/variations", self.create_variation, "POST"),
+            (FILES_ROUTE + "/{name}", self.get_file, "GET"),
+            ("/v1/models", self.list_models, "GET"),
+            ("/v1/models/{model:path}", self.get_model, "GET"),
+            ("/health", self.health, "GET"),
+            ("/openapi.json", self.openapi, "GET"),
+        ]
         routes = [
-            Route("/v1/images/generations", self._wrap(self.create_generation), methods=["POST"]),
-            Route("/v1/images/edits", self._wrap(self.create_edit), methods=["POST"]),
-            Route("/v1/images/variations", self._wrap(self.create_variation), methods=["POST"]),
-            Route(FILES_ROUTE + "/{name}", self._wrap(self.get_file), methods=["GET"]),
-            Route("/v1/models", self._wrap(self.list_models), methods=["GET"]),
-            Route("/v1/models/{model:path}", self._wrap(self.get_model), methods=["GET"]),
-            Route("/health", self._wrap(self.health), methods=["GET"]),
+            Route(path, self._wrap(handler, path), methods=[method])
+            for path, handler, method in table
         ]
 
         async def http_error(request: Request, exc: Exception) -> Response:
@@ -243,25 +294,77 @@ class ImagesIngress:
 
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
-    @staticmethod
-    def _wrap(handler: Handler) -> Handler:
-        """Tag the request with its id and route every failure through `error_response`."""
+    def _wrap(self, handler: Handler, route: str) -> Handler:
+        """Every route's frame: id, API key, time limit, errors to envelopes, metrics, one log line.
+
+        Signed image links (`/v1/images/files/...`) carry their own authorisation; `/health` is
+        open so load balancers can probe it.
+        """
 
         async def endpoint(request: Request) -> Response:
-            request.state.request_id = current_request_id(request)
+            started = time.monotonic()
+            state = request.state
+            state.request_id = current_request_id(request)
+            state.key_name, state.summary = "-", {}
             try:
-                return await handler(request)
+                if self.keys is not None and _needs_key(request.url.path):
+                    state.key_name = self.keys.identify(request.headers.get("authorization"))
+                state.deadline = started + self.limits.request_timeout_s
+                response = await asyncio.wait_for(handler(request), self.limits.request_timeout_s)
             except Exception as exc:  # noqa: BLE001 - the one place errors become envelopes
-                return error_response(_unwrap_remote_error(exc), request.state.request_id)
+                exc = _unwrap_remote_error(exc)
+                self._count_rejection(exc)
+                response = error_response(exc, state.request_id)
+            self._record(request, route, response.status_code, time.monotonic() - started)
+            return response
 
         return endpoint
+
+    def _count_rejection(self, exc: BaseException) -> None:
+        status = getattr(exc, "status", None)
+        if status == 401:
+            self.metrics.rejected.inc(tags={"reason": "auth"})
+        elif isinstance(exc, BackPressureError) or status == 429:
+            self.metrics.rejected.inc(tags={"reason": "backpressure"})
+        elif status == 413:
+            self.metrics.rejected.inc(tags={"reason": "too_large"})
+
+    def _record(self, request: Request, route: str, status: int, seconds: float) -> None:
+        """Metrics and one structured log line per request (streams: when the headers go).
+
+        Metrics are tagged with the route template, never the raw path (bounded label values).
+        """
+        state = request.state
+        model = state.summary.get("model", "-")
+        tags = {"endpoint": route, "model": model, "status": str(status), "key": state.key_name}
+        try:
+            self.metrics.requests.inc(tags=tags)
+            self.metrics.latency.observe(seconds, tags={"endpoint": route, "model": model})
+        except Exception:  # noqa: BLE001 - metrics must never break a response
+            logger.exception("could not record metrics for request %s", state.request_id)
+        logger.info(
+            "request_done %s",
+            json.dumps(
+                {
+                    "id": state.request_id,
+                    "endpoint": route,
+                    "path": request.url.path,
+                    "key": state.key_name,
+                    **state.summary,
+                    "status": status,
+                    "seconds": round(seconds, 4),
+                }
+            ),
+        )
 
     # --- endpoints ---------------------------------------------------------------------------
 
     async def create_generation(self, request: Request) -> Response:
         check_body_size(request, self.limits.max_request_bytes)
-        parsed = parse_model(ImageGenerationRequest, await read_json(request))
-        resolved = resolve_generation(parsed, self.models, self.args.max_n)
+        parsed = parse_model(
+            ImageGenerationRequest, await read_json(request, self.limits.max_json_bytes)
+        )
+        resolved = resolve_generation(parsed, self.models, self.args.max_n, limits=self.limits)
         return await self._run(request, "generation", parsed, resolved)
 
     async def create_edit(self, request: Request) -> Response:
@@ -274,7 +377,9 @@ class ImagesIngress:
             image_uploads = [(name, data) for name, data in files if name != "mask"]
             mask_uploads = [(name, data) for name, data in files if name == "mask"]
         elif kind == "application/json":
-            parsed = parse_model(ImageEditRequest, await read_json(request))
+            parsed = parse_model(
+                ImageEditRequest, await read_json(request, self.limits.max_request_bytes)
+            )
             image_uploads = [
                 self._data_url(ref, f"images[{i}]") for i, ref in enumerate(parsed.images or [])
             ]
@@ -330,6 +435,9 @@ class ImagesIngress:
                 code="model_not_found",
             )
         return JSONResponse(ModelCard(id=model_id, created=self.created).model_dump())
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)
 
     async def health(self, request: Request) -> Response:
         """200 once every model deployment reports healthy to the Serve controller."""
@@ -390,6 +498,7 @@ class ImagesIngress:
             parsed,
             self.models,
             self.args.max_n,
+            limits=self.limits,
             input_size=images[0].size,
             masked=mask is not None,
         )
@@ -409,17 +518,16 @@ class ImagesIngress:
     ) -> Response:
         """Send the job to its model deployment and shape the OpenAI response."""
         request_id = request.state.request_id
-        logger.info(
-            "%s %s model=%s n=%d size=%s steps=%d inputs=%s user=%s",
-            endpoint,
-            request_id,
-            resolved.model_id,
-            resolved.n,
-            resolved.size,
-            resolved.steps,
-            conditioning.canvas.size if conditioning else None,
-            parsed.user,
-        )
+        request.state.summary = {
+            "model": resolved.model_id,
+            "kind": endpoint,
+            "n": resolved.n,
+            "size": resolved.size,
+            "steps": resolved.steps,
+            "inputs": "x".join(map(str, conditioning.canvas.size)) if conditioning else None,
+            "stream": resolved.stream,
+            "user": parsed.user,
+        }
         job = ImageJob.from_resolved(
             request_id,
             resolved,
@@ -431,7 +539,7 @@ class ImagesIngress:
         image_input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
         if resolved.stream:
             kind = "image_edit" if endpoint == "edit" else "image_generation"
-            return await self._stream(request_id, kind, resolved, job, image_input_tokens)
+            return await self._stream(request, kind, resolved, job, image_input_tokens)
         result = await self.handles[resolved.model_id].generate.remote(job)
         b64_images = urls = None
         if resolved.response_format == "url":
@@ -451,12 +559,19 @@ class ImagesIngress:
             image_input_tokens=image_input_tokens,
             urls=urls,
         )
+        self._count_output(endpoint, resolved, body.usage)
         headers = {"x-batch-images": ",".join(str(size) for size in result.batch_sizes)}
         return JSONResponse(body.model_dump(), headers=headers)
 
+    def _count_output(self, endpoint: str, resolved: ResolvedGeneration, usage) -> None:
+        model = {"model": resolved.model_id}
+        self.metrics.images.inc(resolved.n, tags={"endpoint": endpoint, **model})
+        self.metrics.tokens_in.inc(usage.input_tokens, tags=model)
+        self.metrics.tokens_out.inc(usage.output_tokens, tags=model)
+
     async def _stream(
         self,
-        request_id: str,
+        request: Request,
         kind: str,
         resolved: ResolvedGeneration,
         job: ImageJob,
@@ -467,13 +582,21 @@ class ImagesIngress:
         The model's first event comes after validation, so a bad request still gets a plain JSON
         error; a failure after the stream started ends it with an `error` event.
         """
+        request_id, deadline = request.state.request_id, request.state.deadline
         handle = self.handles[resolved.model_id].options(stream=True)
         events = handle.generate_stream.remote(job)
         accepted = await events.__anext__()
 
+        async def next_event():
+            """The model's next event, within the request's time limit (None at the end)."""
+            try:
+                return await asyncio.wait_for(events.__anext__(), deadline - time.monotonic())
+            except StopAsyncIteration:
+                return None
+
         async def body():
             try:
-                async for item in events:
+                while (item := await next_event()) is not None:
                     if item["type"] == "partial":
                         event = stream_event(
                             resolved,
@@ -485,6 +608,7 @@ class ImagesIngress:
                         yield sse(event["type"], event)
                     elif item["type"] == "completed":
                         usage = build_usage(resolved, accepted["text_tokens"], image_input_tokens)
+                        self._count_output(kind, resolved, usage)
                         for index, image in enumerate(item["result"].images):
                             event = stream_event(
                                 resolved, kind, index, to_base64(image), usage=usage

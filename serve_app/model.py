@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ from serve_app.batching import (
 )
 from serve_app.codec import encode_image
 from serve_app.config import BatchingConfig, ModelConfig
+from serve_app.metrics import ModelMetrics
 from serve_app.protocol import APIError
 
 logger = logging.getLogger("ray.serve")
@@ -51,28 +53,6 @@ class GenerationResult:
     images: list[bytes]
     text_tokens: int
     batch_sizes: list[int]  # images in each batch this request's chunks ran in (observability)
-
-
-def _metrics(model_id: str) -> tuple[Any, Any]:
-    """Progress metrics (Prometheus through Ray); absent outside a Ray cluster."""
-    try:
-        from ray.serve.metrics import Counter, Gauge
-
-        steps = Counter(
-            "serve_app_denoising_steps",
-            description="Denoising steps run, counted per image.",
-            tag_keys=("model",),
-        )
-        progress = Gauge(
-            "serve_app_pipeline_progress",
-            description="Fraction of the denoising steps done by the pipeline call running now.",
-            tag_keys=("model",),
-        )
-        steps.set_default_tags({"model": model_id})
-        progress.set_default_tags({"model": model_id})
-        return steps, progress
-    except Exception:  # noqa: BLE001 - metrics are optional outside Ray
-        return None, None
 
 
 def _default_engine_cls():
@@ -109,7 +89,8 @@ class ImageModel:
         # The pipeline is not thread-safe: one worker runs every call in order.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._max_batch_images = _DEFAULT_BATCHING.max_batch_images
-        self._steps_metric, self._progress_metric = _metrics(self.config.id)
+        self.metrics = ModelMetrics(self.config.id)
+        self._call_started: float | None = None  # monotonic start of the running pipeline call
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
         )
@@ -123,8 +104,17 @@ class ImageModel:
         logger.info("ImageModel %s batching: %s", self.config.id, batching.model_dump())
 
     def check_health(self) -> None:
+        """Unhealthy when the model is gone or a pipeline call hangs (e.g. a wedged GPU)."""
         if not self.engine.loaded:
             raise RuntimeError(f"model {self.config.id} is not loaded")
+        started = self._call_started
+        if started is not None:
+            running = time.monotonic() - started
+            if running > self.config.max_pipeline_call_s:
+                raise RuntimeError(
+                    f"a pipeline call has run for {running:.0f}s, over max_pipeline_call_s "
+                    f"({self.config.max_pipeline_call_s:.0f}s): treating the replica as hung"
+                )
 
     def count_text_tokens(self, prompt: str) -> int:
         tokens = self.engine.count_text_tokens(prompt)
@@ -193,6 +183,7 @@ class ImageModel:
     async def _generate(self, job: ImageJob, text_tokens: int) -> GenerationResult:
         if job.cancel is None:
             job = replace(job, cancel=threading.Event())
+        job = replace(job, received_at=time.monotonic())
         chunks = split_job(job, self._max_batch_images)
         try:
             outcomes = await asyncio.gather(*(self._run_batch(chunk) for chunk in chunks))
@@ -236,10 +227,21 @@ class ImageModel:
                 for index, output in zip(group, outputs, strict=True):
                     results[index] = output
                 continue
+            started = time.monotonic()
+            for job in members:
+                if job.received_at:
+                    self.metrics.queue_wait.observe(started - job.received_at)
+            self._call_started = started
+            call = loop.run_in_executor(
+                self._pipeline_thread,
+                functools.partial(self.engine.generate, members, self._on_step),
+            )
+            # The hung-call clock stops when the thread finishes, even if this task is cancelled.
+            call.add_done_callback(lambda _: setattr(self, "_call_started", None))
             try:
-                outputs = await loop.run_in_executor(
-                    self._pipeline_thread,
-                    functools.partial(self.engine.generate, members, self._on_step),
+                outputs = await call
+                self.metrics.seconds_per_image.observe(
+                    (time.monotonic() - started) / count_images(members)
                 )
             except GenerationCancelled as exc:
                 logger.info("pipeline call stopped early: %s", exc)
@@ -263,9 +265,8 @@ class ImageModel:
 
     def _on_step(self, step: int, total: int, jobs: list[ImageJob], latents: Any) -> None:
         """Progress of the running pipeline call: debug log per request, and metrics."""
-        if self._steps_metric is not None:
-            self._steps_metric.inc(count_images(jobs))
-            self._progress_metric.set((step + 1) / total)
+        self.metrics.steps.inc(count_images(jobs))
+        self.metrics.progress.set((step + 1) / total)
         if logger.isEnabledFor(logging.DEBUG):
             for job in jobs:
                 logger.debug("request %s: step %d/%d", job.request_id, step + 1, total)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve_app.config import ModelConfig
+from serve_app.config import ModelConfig, UploadLimits
 from serve_app.imageops import nearest_resolution
 
 # OpenAI names "standard"/"hd" (dall-e-3) map onto our presets.
@@ -336,6 +336,7 @@ def resolve_generation(
     models: dict[str, ModelConfig],
     max_n: int,
     *,
+    limits: UploadLimits | None = None,
     input_size: tuple[int, int] | None = None,
     masked: bool = False,
 ) -> ResolvedGeneration:
@@ -350,6 +351,13 @@ def resolve_generation(
         prompt = request.prompt
         if not prompt.strip():
             raise APIError("'prompt' must not be empty.", param="prompt")
+        if limits and len(prompt) > limits.max_prompt_chars:
+            raise APIError(
+                f"The prompt is {len(prompt)} characters long; the limit is "
+                f"{limits.max_prompt_chars}.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
     if request.n > max_n:
         raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
     if request.stream and isinstance(request, ImageVariationRequest):
@@ -387,6 +395,12 @@ def resolve_generation(
         width, height = auto_size(model, input_size, masked)
     else:
         width, height = parse_size(request.size, model)
+    if limits and request.n * width * height > limits.max_pixels_per_request:
+        raise APIError(
+            f"n={request.n} images of {width}x{height} is {request.n * width * height} pixels; "
+            f"one request may ask for at most {limits.max_pixels_per_request}.",
+            param="n",
+        )
     quality = resolve_quality(request.quality, model)
     steps = request.num_inference_steps or getattr(model.quality_steps, quality)
     return ResolvedGeneration(

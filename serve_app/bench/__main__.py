@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve_app.bench import gpu
+from serve_app.bench import gpu, load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu_parser = commands.add_parser("gpu", help=gpu.__doc__.splitlines()[0])
     gpu.add_arguments(gpu_parser)
     gpu_parser.set_defaults(run=gpu.run)
+    load_parser = commands.add_parser("load", help=load.__doc__.splitlines()[0])
+    load.add_arguments(load_parser)
+    load_parser.set_defaults(run=load.run)
     args = parser.parse_args(argv)
     args.run(args)
     return 0

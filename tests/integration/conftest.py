@@ -18,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "images"
 BATCH_WAIT_S = 0.3
 URL_SECRET = "test-url-secret"
-TEST_LIMITS = {"max_image_bytes": 1_000_000, "max_input_pixels": 4_000_000, "max_input_images": 4}
+TEST_LIMITS = {
+    "max_image_bytes": 1_000_000,
+    "max_input_pixels": 4_000_000,
+    "max_input_images": 4,
+    "max_pixels_per_request": 2 * 1024 * 1024,  # bounds the fuzzer's valid requests
+}
 
 
 def free_port() -> int:
@@ -38,6 +43,7 @@ def local_config(port: int, cache_dir: str, images_dir: str) -> dict:
     for deployment in app["deployments"]:
         if "user_config" in deployment:
             deployment["user_config"]["batch_wait_timeout_s"] = BATCH_WAIT_S
+            deployment["max_queued_requests"] = 4  # so the overload test needs few requests
     return config
 
 
@@ -51,17 +57,36 @@ def metrics_port() -> int:
     return free_port()
 
 
+def wait_running(timeout_s: float = 180) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            pytest.fail(f"app failed to deploy: {status.message}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"app not running after {timeout_s}s: {status}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
-def base_url(tiny_cache_dir, images_dir, metrics_port):
+def serve_config(tiny_cache_dir, images_dir) -> dict:
+    """configs/local.yaml with the test-only changes (see the module docstring)."""
+    return local_config(free_port(), tiny_cache_dir, str(images_dir))
+
+
+@pytest.fixture(scope="session")
+def serve_client(serve_config, metrics_port):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(
-        local_config(free_port(), tiny_cache_dir, str(images_dir))
-    )
+    schema = ServeDeploySchema.model_validate(serve_config)
     ray.init(
         num_cpus=2,
         namespace=SERVE_NAMESPACE,
@@ -70,25 +95,31 @@ def base_url(tiny_cache_dir, images_dir, metrics_port):
         _system_config={"metrics_report_interval_ms": 1000},
     )
     try:
-        client = serve_api.serve_start(
-            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+        yield serve_api.serve_start(
+            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
         )
-        client.deploy_apps(config)
-        url = f"http://127.0.0.1:{config.http_options.port}"
-        deadline = time.monotonic() + 180
-        while True:
-            status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING":
-                break
-            if status is not None and status.status == "DEPLOY_FAILED":
-                pytest.fail(f"app failed to deploy: {status.message}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"app not running after 180s: {status}")
-            time.sleep(0.5)
-        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redeploy(serve_client):
+    """Deploy a serve config (as `serve deploy` would) and wait until the app runs."""
+    from ray.serve.schema import ServeDeploySchema
+
+    def deploy(config: dict) -> None:
+        serve_client.deploy_apps(ServeDeploySchema.model_validate(config))
+        time.sleep(1)  # let the controller pick up the new target before polling its status
+        wait_running()
+
+    return deploy
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_config, redeploy) -> str:
+    redeploy(serve_config)
+    return f"http://127.0.0.1:{serve_config['http_options']['port']}"
 
 
 @pytest.fixture(scope="session")

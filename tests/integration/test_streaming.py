@@ -153,29 +153,33 @@ def test_batch_mate_of_a_cancelled_request_gets_its_image(base_url):
     )
 
 
-def metric_values(port: int, name: str) -> list[float]:
+MODEL_LABEL = 'model="flux-kontext-tiny"'
+
+
+def metric_values(port: int, name: str, label: str = "") -> list[float]:
+    """Values of a metric's series (those whose labels contain `label`) from Ray's exporter."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return [
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith(name + "{") and 'model="flux-kontext-tiny"' in line
+        if line.startswith(name + "{") and label in line
     ]
 
 
-def wait_for_metric(port: int, name: str, predicate, timeout_s: float = 30) -> list[float]:
+def wait_for_metric(port: int, name: str, predicate, label: str = "", timeout_s=30) -> list:
     deadline = time.monotonic() + timeout_s
     while True:
-        values = metric_values(port, name)
+        values = metric_values(port, name, label)
         if predicate(values) or time.monotonic() > deadline:
             return values
         time.sleep(0.5)
 
 
-def settled_sum(port: int, name: str) -> float:
+def settled_sum(port: int, name: str, label: str = "") -> float:
     """The metric's total once earlier work has been reported (two equal reads in a row)."""
     previous = None
     for _ in range(30):
-        current = sum(metric_values(port, name))
+        current = sum(metric_values(port, name, label))
         if current == previous:
             return current
         previous = current
@@ -186,10 +190,10 @@ def settled_sum(port: int, name: str) -> float:
 def test_progress_is_exported_as_metrics(http, metrics_port):
     """Denoising steps are counted per image and the running call's progress is a gauge."""
     steps = "ray_serve_app_denoising_steps_total"
-    before = settled_sum(metrics_port, steps)
+    before = settled_sum(metrics_port, steps, MODEL_LABEL)
     body = {"prompt": "x", "size": "64x64", "n": 2, "num_inference_steps": 3}
     assert http.post("/v1/images/generations", json=body).status_code == 200
-    after = sum(wait_for_metric(metrics_port, steps, lambda v: sum(v) >= before + 6))
+    after = sum(wait_for_metric(metrics_port, steps, lambda v: sum(v) >= before + 6, MODEL_LABEL))
     assert after == before + 6  # 3 steps x 2 images
-    progress = wait_for_metric(metrics_port, "ray_serve_app_pipeline_progress", bool)
+    progress = wait_for_metric(metrics_port, "ray_serve_app_pipeline_progress", bool, MODEL_LABEL)
     assert progress and max(progress) == 1.0

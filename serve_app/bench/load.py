@@ -1,0 +1,159 @@
+"""Bounded load / soak: `python -m serve_app.bench load --url http://127.0.0.1:8000 ...`.
+
+N requests (or until a duration passes) at concurrency C against a server on this machine:
+successes, each error class, p50/p95/p99 latency, throughput, and the resident memory of the
+local Ray Serve processes after warm-up and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+SERVER_PROCESS_MARKERS = ("ServeReplica", "ProxyActor", "ServeController")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--requests", type=int, default=200, help="stop after this many")
+    parser.add_argument("--duration", type=float, default=None, help="or after this many seconds")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=20, help="requests before the RSS baseline")
+    parser.add_argument("--size", default="64x64")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--out", default="results/load.json")
+    parser.add_argument(
+        "--allow-remote", action="store_true", help="permit a target outside this machine"
+    )
+
+
+def check_local(url: str) -> None:
+    """Load is for servers on this machine unless the operator says otherwise."""
+    host = urlparse(url).hostname or ""
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    if not all(ipaddress.ip_address(address).is_loopback for address in addresses):
+        raise SystemExit(f"{url} is not on this machine (use --allow-remote for a server you run)")
+
+
+def server_rss_bytes() -> dict[str, int]:
+    """Resident memory of this machine's Ray Serve processes (replicas, proxy, controller)."""
+    import psutil
+
+    usage = {}
+    for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if (
+            any(marker in cmdline for marker in SERVER_PROCESS_MARKERS)
+            and process.info["memory_info"]
+        ):
+            name = cmdline.split()[0] if cmdline else str(process.info["pid"])
+            usage[f"{process.info['pid']}:{name[:60]}"] = process.info["memory_info"].rss
+    return usage
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run_load(args) -> dict:
+    import httpx
+
+    body = {"prompt": "a lighthouse at dawn", "size": args.size, "n": args.n,
+            "num_inference_steps": args.steps}  # fmt: skip
+    if args.model:
+        body["model"] = args.model
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    deadline = time.monotonic() + args.duration if args.duration else float("inf")
+    latencies, outcomes, rss = [], Counter(), {}
+    issued = 0
+    lock = asyncio.Lock()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while True:
+            async with lock:
+                if issued >= args.requests or time.monotonic() >= deadline:
+                    return
+                issued += 1
+                number = issued
+            started = time.monotonic()
+            try:
+                response = await client.post("/v1/images/generations", json=body)
+                if response.status_code == 200:
+                    outcome = "ok"
+                else:
+                    code = (response.json().get("error") or {}).get("code")
+                    outcome = f"{response.status_code}:{code}"
+            except httpx.HTTPError as exc:
+                outcome = f"transport:{type(exc).__name__}"
+            latencies.append((time.monotonic() - started, outcome))
+            outcomes[outcome] += 1
+            if number == args.warmup:
+                rss["after_warmup"] = server_rss_bytes()
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(
+        base_url=args.url, timeout=args.timeout, headers=headers
+    ) as client:
+        await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
+    elapsed = time.monotonic() - started
+    rss["end"] = server_rss_bytes()
+    ok = [latency for latency, outcome in latencies if outcome == "ok"]
+    before = sum(rss.get("after_warmup", rss["end"]).values())
+    after = sum(rss["end"].values())
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "api_key")},
+        "requests": len(latencies),
+        "seconds": round(elapsed, 2),
+        "successes": outcomes.get("ok", 0),
+        "outcomes": dict(outcomes),
+        "throughput_rps": round(len(ok) / elapsed, 3) if elapsed else 0,
+        "images_per_s": round(len(ok) * args.n / elapsed, 3) if elapsed else 0,
+        "latency_s": {
+            "p50": percentile(ok, 50),
+            "p95": percentile(ok, 95),
+            "p99": percentile(ok, 99),
+            "mean": statistics.fmean(ok) if ok else None,
+        },
+        "server_rss_mib": {
+            "after_warmup": round(before / 2**20, 1),
+            "end": round(after / 2**20, 1),
+            "growth_percent": round(100 * (after - before) / before, 2) if before else None,
+            "processes": len(rss["end"]),
+        },
+    }
+
+
+def run(args) -> dict:
+    if not args.allow_remote:
+        check_local(args.url)
+    result = asyncio.run(run_load(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    latency = result["latency_s"]
+    print(
+        f"{result['requests']} requests in {result['seconds']} s at concurrency "
+        f"{args.concurrency}: {result['successes']} ok, outcomes {result['outcomes']}\n"
+        f"latency p50 {latency['p50']}, p95 {latency['p95']}, p99 {latency['p99']} s; "
+        f"{result['throughput_rps']} req/s\n"
+        f"server RSS {result['server_rss_mib']['after_warmup']} -> "
+        f"{result['server_rss_mib']['end']} MiB ({result['server_rss_mib']['growth_percent']}%)"
+    )
+    print(f"wrote {out}")
+    return result

@@ -1,0 +1,92 @@
+"""Prometheus metrics through `ray.serve.metrics` (exported at Ray's metrics port, `ray_` prefix).
+
+Ray Serve already exports request counts/latencies per deployment and `@serve.batch` metrics
+(`serve_actual_batch_size` counts images here, through `batch_size_fn`); these add what is
+specific to image generation. Outside a Ray cluster every metric is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300]
+
+
+class _NoMetric:
+    def inc(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def set(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def observe(self, *args: Any, **kwargs: Any) -> None: ...
+
+
+def _make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], **kwargs: Any):
+    try:
+        from ray.serve import metrics
+
+        return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kwargs)
+    except Exception:  # noqa: BLE001 - not in a Ray process (unit tests)
+        return _NoMetric()
+
+
+class IngressMetrics:
+    """Per-request metrics, tagged by endpoint, model, status and API key *name*."""
+
+    def __init__(self) -> None:
+        tags = ("endpoint", "model", "status", "key")
+        self.requests = _make("Counter", "serve_app_requests", "HTTP requests answered.", tags)
+        self.latency = _make(
+            "Histogram",
+            "serve_app_request_seconds",
+            "End-to-end request time in the ingress.",
+            ("endpoint", "model"),
+            boundaries=LATENCY_BUCKETS_S,
+        )
+        self.images = _make(
+            "Counter", "serve_app_images", "Images returned.", ("endpoint", "model")
+        )
+        self.tokens_in = _make(
+            "Counter", "serve_app_input_tokens", "Input tokens (text + image).", ("model",)
+        )
+        self.tokens_out = _make(
+            "Counter", "serve_app_output_tokens", "Output (image) tokens.", ("model",)
+        )
+        self.rejected = _make(
+            "Counter",
+            "serve_app_rejected_requests",
+            "Requests refused before any work: auth, backpressure, limits.",
+            ("reason",),
+        )
+
+
+class ModelMetrics:
+    """Per-model replica metrics: queueing, pipeline time, progress."""
+
+    def __init__(self, model_id: str) -> None:
+        tags = ("model",)
+        self.queue_wait = _make(
+            "Histogram",
+            "serve_app_queue_wait_seconds",
+            "Time from a request reaching the replica to its pipeline call starting.",
+            tags,
+            boundaries=LATENCY_BUCKETS_S,
+        )
+        self.seconds_per_image = _make(
+            "Histogram",
+            "serve_app_pipeline_seconds_per_image",
+            "Pipeline call time divided by the images it produced.",
+            tags,
+            boundaries=LATENCY_BUCKETS_S,
+        )
+        self.steps = _make(
+            "Counter", "serve_app_denoising_steps", "Denoising steps run, per image.", tags
+        )
+        self.progress = _make(
+            "Gauge",
+            "serve_app_pipeline_progress",
+            "Fraction of the denoising steps done by the pipeline call running now.",
+            tags,
+        )
+        for metric in (self.queue_wait, self.seconds_per_image, self.steps, self.progress):
+            if hasattr(metric, "set_default_tags"):
+                metric.set_default_tags({"model": model_id})

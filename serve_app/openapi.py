@@ -1,0 +1,215 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 document generated from the pydantic models.
+
+Nothing here is written by hand that pydantic already knows: request and response bodies are
+`models_json_schema` output; only the routes, content types and status codes are listed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from serve_app.config import AppArgs
+from serve_app.protocol import (
+    ErrorResponse,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageOptions,
+    ImagesResponse,
+    ImageVariationRequest,
+    ModelCard,
+    ModelList,
+)
+
+ERROR_STATUSES = {
+    "400": "Invalid request",
+    "401": "Missing or wrong API key",
+    "403": "Invalid link signature",
+    "404": "Unknown model, route or image",
+    "405": "Method not allowed",
+    "411": "Content-Length required",
+    "413": "Request or upload too large",
+    "415": "Unsupported content type",
+    "429": "At capacity: retry after `Retry-After` seconds",
+    "500": "Internal error",
+    "503": "Model replica unavailable",
+    "504": "Timed out",
+}
+REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    chosen = statuses or tuple(ERROR_STATUSES)
+    return {
+        status: {
+            "description": ERROR_STATUSES[status],
+            "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+        }
+        for status in chosen
+    }
+
+
+def _multipart(model: type[ImageOptions], files: dict[str, Any], required: list[str]) -> dict:
+    """A multipart form: the model's scalar fields plus file parts."""
+    schema = model.model_json_schema(ref_template=REF)
+    properties = {
+        name: prop
+        for name, prop in schema["properties"].items()
+        if name not in ("images", "mask")  # JSON-only forms of the files
+    }
+    properties.update(files)
+    return {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": properties, "required": required}
+        }
+    }
+
+
+def _images_response(streams: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": _ref("ImagesResponse")}}
+    if streams:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": "Server-sent events (stream: true)."}
+        }
+    return {"200": {"description": "Generated images", "content": content}, **_errors()}
+
+
+def openapi_document(args: AppArgs) -> dict[str, Any]:
+    _, definitions = models_json_schema(
+        [
+            (ImageGenerationRequest, "validation"),
+            (ImageEditRequest, "validation"),
+            (ImagesResponse, "serialization"),
+            (ErrorResponse, "serialization"),
+            (ModelList, "serialization"),
+            (ModelCard, "serialization"),
+        ],
+        ref_template=REF,
+    )
+    binary = {"type": "string", "format": "binary"}
+    security = [{"bearer": []}] if args.auth.enabled else []
+    model_ids = [model.id for model in args.models]
+    paths = {
+        "/v1/images/generations": {
+            "post": {
+                "operationId": "createImage",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ImageGenerationRequest")}},
+                },
+                "responses": _images_response(streams=True),
+                "security": security,
+            }
+        },
+        "/v1/images/edits": {
+            "post": {
+                "operationId": "createImageEdit",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        **_multipart(
+                            ImageEditRequest,
+                            {
+                                "image": binary,
+                                "image[]": {"type": "array", "items": binary},
+                                "mask": binary,
+                            },
+                            ["prompt"],
+                        ),
+                        "application/json": {"schema": _ref("ImageEditRequest")},
+                    },
+                },
+                "responses": _images_response(streams=True),
+                "security": security,
+            }
+        },
+        "/v1/images/variations": {
+            "post": {
+                "operationId": "createImageVariation",
+                "requestBody": {
+                    "required": True,
+                    "content": _multipart(ImageVariationRequest, {"image": binary}, ["image"]),
+                },
+                "responses": _images_response(streams=False),
+                "security": security,
+            }
+        },
+        "/v1/images/files/{name}": {
+            "get": {
+                "operationId": "getImageFile",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "expires", "in": "query", "schema": {"type": "string"}},
+                    {"name": "signature", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The image behind a signed link",
+                        "content": {
+                            f"image/{f}": {"schema": binary} for f in ("png", "jpeg", "webp")
+                        },
+                    },
+                    **_errors("403", "404", "500", "504"),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "responses": {
+                    "200": {
+                        "description": "Served models",
+                        "content": {"application/json": {"schema": _ref("ModelList")}},
+                    },
+                    **_errors("401", "500", "504"),
+                },
+                "security": security,
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "operationId": "retrieveModel",
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "One model",
+                        "content": {"application/json": {"schema": _ref("ModelCard")}},
+                    },
+                    **_errors("401", "404", "500", "504"),
+                },
+                "security": security,
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "responses": {
+                    "200": {
+                        "description": "Every model deployment is healthy",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_errors("500", "503", "504"),
+                },
+            }
+        },
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "serve_app Images API",
+            "version": "0.1.0",
+            "description": f"OpenAI-compatible Images API. Models: {', '.join(model_ids)}.",
+        },
+        "paths": paths,
+        "components": {"schemas": definitions["$defs"]},
+    }
+    if args.auth.enabled:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document

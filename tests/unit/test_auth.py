@@ -1,0 +1,119 @@
+"""API keys: hashing, constant-time lookup, names; enforced by the ingress (no Ray needed)."""
+
+import asyncio
+import json
+
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from serve_app.auth import KeyStore
+from serve_app.config import AppArgs, AuthConfig
+from serve_app.ingress import ImagesIngress
+from serve_app.protocol import APIError
+
+
+def test_keys_from_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEYS", "k1, k2")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("alice: sk-alice\nbob: sk-bob\n")
+    store = KeyStore.from_config(AuthConfig(api_keys_env="KEYS", api_keys_file=str(keys_file)))
+    assert len(store) == 4
+    assert store.identify("Bearer k2") == "env-2"
+    assert store.identify("bearer sk-alice") == "alice"
+    assert "sk-alice" not in repr(store.__dict__)  # only hashes are kept
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer wrong", "Basic sk-alice", "sk-alice"]
+)
+def test_bad_credentials_are_401(header):
+    with pytest.raises(APIError) as info:
+        KeyStore({"alice": "sk-alice"}).identify(header)
+    assert info.value.status == 401 and info.value.code == "invalid_api_key"
+    assert info.value.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_auth_off_unless_configured(monkeypatch):
+    assert KeyStore.from_config(AuthConfig()) is None
+    monkeypatch.delenv("UNSET_KEYS", raising=False)
+    with pytest.raises(ValueError, match="empty or unset"):
+        KeyStore.from_config(AuthConfig(api_keys_env="UNSET_KEYS"))
+
+
+class SlowHandle:
+    """Stands in for the model deployment handle: never answers (for the time-limit test)."""
+
+    class _Method:
+        def remote(self, job):
+            return asyncio.sleep(3600)
+
+    generate = _Method()
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path):
+    monkeypatch.setenv("TEST_API_KEYS", "sk-one,sk-two")
+    args = AppArgs(
+        auth={"api_keys_env": "TEST_API_KEYS"},
+        limits={"request_timeout_s": 0.5},
+        storage={"local_dir": str(tmp_path)},
+    )
+    ingress = ImagesIngress(args.model_dump(), {"flux-kontext-tiny": SlowHandle()})
+    return TestClient(ingress.__serve_build_asgi_app__())
+
+
+def test_keys_are_enforced_on_v1_routes_only(app):
+    assert app.get("/v1/models").status_code == 401
+    response = app.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    ok = app.get("/v1/models", headers={"Authorization": "Bearer sk-two"})
+    assert ok.status_code == 200
+    assert app.get("/openapi.json").status_code == 200
+    assert app.get("/v1/images/files/" + "a" * 24 + ".png").status_code == 403  # signed links
+
+
+def test_stock_sdk_with_and_without_a_key(app):
+    good = openai.OpenAI(base_url="http://testserver/v1", api_key="sk-one", http_client=app)
+    assert [m.id for m in good.models.list()] == ["flux-kontext-tiny"]
+    bad = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="sk-wrong", http_client=app, max_retries=0
+    )
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.images.generate(prompt="x")
+    assert info.value.code == "invalid_api_key"
+    # With a good key, validation runs (and names the bad field).
+    with pytest.raises(openai.BadRequestError) as info:
+        good.images.generate(prompt="x", size="7x7")
+    assert info.value.param == "size"
+
+
+def test_requests_past_the_time_limit_get_a_504(app):
+    response = app.post(
+        "/v1/images/generations",
+        json={"prompt": "x", "size": "64x64"},
+        headers={"Authorization": "Bearer sk-one", "x-request-id": "slow-1"},
+    )
+    assert response.status_code == 504
+    error = response.json()["error"]
+    assert error["code"] == "timeout" and "slow-1" in error["message"]
+
+
+def test_openapi_document_covers_every_route(app):
+    document = app.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    assert set(document["paths"]) == {
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/images/files/{name}",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/health",
+    }
+    schemas = document["components"]["schemas"]
+    assert schemas["ImageGenerationRequest"]["required"] == ["prompt"]
+    assert "seed" in schemas["ImageData"]["properties"]
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    json.dumps(document)
