@@ -32,7 +32,12 @@ def model_deployment_options(args: AppArgs) -> dict:
         "user_config": args.batching.model_dump(),
         # A batch of large images can take minutes on a slow device.
         "health_check_timeout_s": 120,
+        "logging_config": logging_config(args),
     }
+
+
+def logging_config(args: AppArgs) -> dict:
+    return {"enable_access_log": args.access_log}
 
 
 def build_app(args: AppArgs | dict | None = None) -> Application:
@@ -50,5 +55,6 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=256,
+        logging_config=logging_config(app_args),
     )
     return ingress.bind(app_args.model_dump(), model_apps)

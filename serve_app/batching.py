@@ -1,8 +1,8 @@
 """Batching policy: what a job is, which jobs can share one pipeline call, how big jobs split.
 
-Pure Python; no torch, no Ray. The model deployment feeds jobs through Ray Serve's `@serve.batch`
-(which counts images with `count_images`), then `group_jobs` splits each batch into groups that can
-run as a single pipeline call.
+Pure Python; no torch, no Ray. The model deployment gathers jobs with Ray Serve's `@serve.batch`
+(which counts images with `count_images`); `next_call` then picks, from the jobs waiting for the
+pipeline, those that can run together as one pipeline call.
 """
 
 from __future__ import annotations
@@ -146,12 +146,22 @@ def preview_steps(partial_images: int, steps: int) -> tuple[int, ...]:
     return tuple(sorted(step for step in chosen if 0 <= step < steps - 1))
 
 
-def group_jobs(jobs: Sequence[ImageJob]) -> list[list[int]]:
-    """Indices of `jobs` grouped by compatibility, groups and members in arrival order."""
-    groups: dict[Hashable, list[int]] = {}
-    for index, job in enumerate(jobs):
-        groups.setdefault(job.group_key(), []).append(index)
-    return list(groups.values())
+def next_call(waiting: Sequence[ImageJob], max_images: int) -> list[int]:
+    """Indices of the jobs the next pipeline call takes from `waiting` (in arrival order).
+
+    The oldest job always goes; later jobs join when they share its group key and the call stays
+    within `max_images`. Taking everything compatible that waits, rather than one fixed batch,
+    keeps calls full under load: requests that arrive while a call runs are all there for the next.
+    """
+    if not waiting:
+        return []
+    key, taken, images = waiting[0].group_key(), [0], waiting[0].n
+    for index in range(1, len(waiting)):
+        job = waiting[index]
+        if job.group_key() == key and images + job.n <= max_images:
+            taken.append(index)
+            images += job.n
+    return taken
 
 
 def check_batch_output(jobs: Sequence[Any], results: Sequence[Any]) -> None:

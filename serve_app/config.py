@@ -223,7 +223,11 @@ class BatchingConfig(StrictModel):
         8, ge=1, le=64, description="Most images (sum of `n`) in one batch of pipeline calls."
     )
     batch_wait_timeout_s: float = Field(
-        0.02, ge=0, le=10, description="How long a batch waits to fill before it runs."
+        0.005,
+        ge=0,
+        le=10,
+        description="How long an idle replica waits for more requests to join a batch (under "
+        "load, requests that arrive during a pipeline call join the next call anyway).",
     )
 
 
@@ -334,6 +338,11 @@ class AppArgs(StrictModel):
         "`deployments:` entry's `user_config` overrides it per deployment.",
     )
     max_n: int = Field(10, ge=1, le=100, description="Largest `n` a request may ask for.")
+    access_log: bool = Field(
+        True,
+        description="Ray Serve's per-request access log lines in the proxy and each replica "
+        "(`request_done` lines are always written).",
+    )
     limits: UploadLimits = Field(
         default_factory=UploadLimits, description="Request and input image limits."
     )

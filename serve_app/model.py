@@ -33,7 +33,7 @@ from serve_app.batching import (
     PartialImages,
     check_batch_output,
     count_images,
-    group_jobs,
+    next_call,
     split_job,
 )
 from serve_app.codec import encode_image
@@ -91,6 +91,8 @@ class ImageModel:
         self._max_batch_images = _DEFAULT_BATCHING.max_batch_images
         self.metrics = ModelMetrics(self.config.id)
         self._call_started: float | None = None  # monotonic start of the running pipeline call
+        self._waiting: list[tuple[ImageJob, asyncio.Future]] = []  # jobs not yet in a call
+        self._drainer: asyncio.Future | None = None
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
         )
@@ -186,7 +188,7 @@ class ImageModel:
         job = replace(job, received_at=time.monotonic())
         chunks = split_job(job, self._max_batch_images)
         try:
-            outcomes = await asyncio.gather(*(self._run_batch(chunk) for chunk in chunks))
+            outcomes = await asyncio.gather(*(self._outcome(chunk) for chunk in chunks))
         except asyncio.CancelledError:
             job.cancel.set()  # the engine stops a call once all of its requests are gone
             logger.info("request %s cancelled", job.request_id)
@@ -208,60 +210,70 @@ class ImageModel:
         batch_wait_timeout_s=_DEFAULT_BATCHING.batch_wait_timeout_s,
         batch_size_fn=count_images,
     )
-    async def _run_batch(self, jobs: list[ImageJob]) -> list[Any]:
-        return await self.run_jobs(jobs)
+    async def _run_batch(self, jobs: list[ImageJob]) -> list[asyncio.Future]:
+        return self.run_jobs(jobs)
 
-    async def run_jobs(self, jobs: list[ImageJob]) -> list[Any]:
-        """One batch: each compatible group is one pipeline call; a failing group fails alone.
+    def run_jobs(self, jobs: list[ImageJob]) -> list[asyncio.Future]:
+        """Queue a batch's jobs for the pipeline; return, per job, a future of its outcome.
 
-        Returns, per job, `(images, images_in_batch)` or the exception its group raised.
+        `@serve.batch` gathers concurrent requests (counting images); its batch returns at once,
+        and the jobs wait here until the pipeline is free. Each pipeline call then takes every
+        compatible waiting job up to `max_batch_images` (`next_call`), so requests that arrive
+        while a call runs all ride the next one: calls stay full under load instead of being cut
+        every `batch_wait_timeout_s`. A failing call fails only its own jobs. Each future gives
+        `(images, images_in_call)` or the exception.
         """
-        batch_images = count_images(jobs)
-        groups = group_jobs(jobs)
-        results: list[Any] = [None] * len(jobs)
         loop = asyncio.get_running_loop()
-        for group in groups:
-            members = [jobs[i] for i in group]
-            if all(job.cancelled for job in members):
-                outputs = [asyncio.CancelledError()] * len(members)
-                for index, output in zip(group, outputs, strict=True):
-                    results[index] = output
-                continue
+        futures = [loop.create_future() for _ in jobs]
+        self._waiting.extend(zip(jobs, futures, strict=True))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+        check_batch_output(jobs, futures)
+        return futures
+
+    async def _outcome(self, chunk: ImageJob) -> Any:
+        return await (await self._run_batch(chunk))
+
+    async def _drain(self) -> None:
+        """Run pipeline calls, one at a time, until nothing waits."""
+        while self._waiting:
+            taken = next_call([job for job, _ in self._waiting], self._max_batch_images)
+            chosen = [self._waiting[i] for i in taken]
+            for index in reversed(taken):
+                del self._waiting[index]
+            await self._call([job for job, _ in chosen], [future for _, future in chosen])
+
+    async def _call(self, jobs: list[ImageJob], futures: list[asyncio.Future]) -> None:
+        """One pipeline call; every job's future gets its images or the call's exception."""
+        images = count_images(jobs)
+        if all(job.cancelled for job in jobs):
+            outputs: list[Any] = [asyncio.CancelledError()] * len(jobs)
+        else:
             started = time.monotonic()
-            for job in members:
+            for job in jobs:
                 if job.received_at:
                     self.metrics.queue_wait.observe(started - job.received_at)
             self._call_started = started
-            call = loop.run_in_executor(
-                self._pipeline_thread,
-                functools.partial(self.engine.generate, members, self._on_step),
+            call = asyncio.get_running_loop().run_in_executor(
+                self._pipeline_thread, functools.partial(self.engine.generate, jobs, self._on_step)
             )
             # The hung-call clock stops when the thread finishes, even if this task is cancelled.
             call.add_done_callback(lambda _: setattr(self, "_call_started", None))
             try:
-                outputs = await call
-                self.metrics.seconds_per_image.observe(
-                    (time.monotonic() - started) / count_images(members)
-                )
+                outputs = [(output, images) for output in await call]
+                self.metrics.seconds_per_image.observe((time.monotonic() - started) / images)
+                logger.info("pipeline call: %d images from %d requests", images, len(jobs))
             except GenerationCancelled as exc:
                 logger.info("pipeline call stopped early: %s", exc)
-                outputs = [exc] * len(members)
-            except Exception as exc:  # noqa: BLE001 - reported to the group's requests only
+                outputs = [exc] * len(jobs)
+            except Exception as exc:  # noqa: BLE001 - reported to this call's requests only
                 logger.exception(
-                    "pipeline call failed for requests %s", [job.request_id for job in members]
+                    "pipeline call failed for requests %s", [job.request_id for job in jobs]
                 )
-                outputs = [exc] * len(members)
-            for index, output in zip(group, outputs, strict=True):
-                failed = isinstance(output, BaseException)
-                results[index] = output if failed else (output, batch_images)
-        logger.info(
-            "batch of %d images from %d requests ran as %d pipeline call(s)",
-            batch_images,
-            len(jobs),
-            len(groups),
-        )
-        check_batch_output(jobs, results)
-        return results
+                outputs = [exc] * len(jobs)
+        for future, output in zip(futures, outputs, strict=True):
+            if not future.done():
+                future.set_result(output)
 
     def _on_step(self, step: int, total: int, jobs: list[ImageJob], latents: Any) -> None:
         """Progress of the running pipeline call: debug log per request, and metrics."""

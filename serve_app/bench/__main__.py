@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve_app.bench import gpu, load
+from serve_app.bench import gpu, load, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     load_parser = commands.add_parser("load", help=load.__doc__.splitlines()[0])
     load.add_arguments(load_parser)
     load_parser.set_defaults(run=load.run)
+    report_parser = commands.add_parser("report", help=report.__doc__.splitlines()[0])
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(run=report.run)
     args = parser.parse_args(argv)
     args.run(args)
     return 0

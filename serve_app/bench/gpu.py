@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--options", default=",".join(OPTIONS), help=f"comma-separated, from: {', '.join(OPTIONS)}"
     )
-    parser.add_argument("--out", default="results/gpu.json", help="JSON results file")  # fmt: skip
+    parser.add_argument("--out", default="results/gpu.json", help="JSON results file")
 
 
 def _time_call(engine, job, repeat: int) -> float:
@@ -78,11 +78,26 @@ def measure(option: str, args) -> dict:
     try:
         canvas = Image.new("RGB", nearest_resolution(width, height, config.resolution_buckets))
         jobs = {
-            "text_to_image": ImageJob("bench", "a lighthouse at dawn", width, height, args.steps,
-                                      config.default_guidance, (0,)),
-            "edit": ImageJob("bench", "make it night", width, height, args.steps,
-                             config.default_guidance, (0,), conditioning=(canvas,)),
-        }  # fmt: skip
+            "text_to_image": ImageJob(
+                "bench",
+                "a lighthouse at dawn",
+                width,
+                height,
+                args.steps,
+                config.default_guidance,
+                (0,),
+            ),
+            "edit": ImageJob(
+                "bench",
+                "make it night",
+                width,
+                height,
+                args.steps,
+                config.default_guidance,
+                (0,),
+                conditioning=(canvas,),
+            ),
+        }
         started = time.perf_counter()
         engine.warmup()
         row["warmup_s"] = round(time.perf_counter() - started, 3)
@@ -113,8 +128,10 @@ def table(rows: list[dict], machine: dict, args) -> str:
             continue
         t2i, edit = row["text_to_image_s_per_image"], row["edit_s_per_image"]
         speedup = f"{plain['text_to_image_s_per_image'] / t2i:.2f}x" if plain else "—"
-        lines.append(f"| {row['option']} | {t2i:.3f} | {edit:.3f} | {speedup} | "
-                     f"warm-up {row['warmup_s']:.1f} s |")  # fmt: skip
+        lines.append(
+            f"| {row['option']} | {t2i:.3f} | {edit:.3f} | {speedup} | "
+            f"warm-up {row['warmup_s']:.1f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -127,10 +144,14 @@ def run(args) -> dict:
     rows = [measure(option, args) for option in options]
     result = {
         "machine": machine,
-        "settings": {"source": args.source, "size": args.size, "steps": args.steps,
-                     "repeat": args.repeat},
+        "settings": {
+            "source": args.source,
+            "size": args.size,
+            "steps": args.steps,
+            "repeat": args.repeat,
+        },
         "rows": rows,
-    }  # fmt: skip
+    }
     result["table"] = table(rows, machine, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

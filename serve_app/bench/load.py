@@ -73,13 +73,17 @@ def percentile(values: list[float], q: float) -> float | None:
 async def run_load(args) -> dict:
     import httpx
 
-    body = {"prompt": "a lighthouse at dawn", "size": args.size, "n": args.n,
-            "num_inference_steps": args.steps}  # fmt: skip
+    body = {
+        "prompt": "a lighthouse at dawn",
+        "size": args.size,
+        "n": args.n,
+        "num_inference_steps": args.steps,
+    }
     if args.model:
         body["model"] = args.model
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     deadline = time.monotonic() + args.duration if args.duration else float("inf")
-    latencies, outcomes, rss = [], Counter(), {}
+    latencies, outcomes, rss, batch_images = [], Counter(), {}, []
     issued = 0
     lock = asyncio.Lock()
 
@@ -96,6 +100,8 @@ async def run_load(args) -> dict:
                 response = await client.post("/v1/images/generations", json=body)
                 if response.status_code == 200:
                     outcome = "ok"
+                    header = response.headers.get("x-batch-images", "")
+                    batch_images.extend(int(v) for v in header.split(",") if v.isdigit())
                 else:
                     code = (response.json().get("error") or {}).get("code")
                     outcome = f"{response.status_code}:{code}"
@@ -124,6 +130,7 @@ async def run_load(args) -> dict:
         "outcomes": dict(outcomes),
         "throughput_rps": round(len(ok) / elapsed, 3) if elapsed else 0,
         "images_per_s": round(len(ok) * args.n / elapsed, 3) if elapsed else 0,
+        "mean_batch_images": round(statistics.fmean(batch_images), 2) if batch_images else None,
         "latency_s": {
             "p50": percentile(ok, 50),
             "p95": percentile(ok, 95),

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from serve_app.batching import ImageJob, check_batch_output, count_images, group_jobs, split_job
+from serve_app.batching import ImageJob, check_batch_output, count_images, next_call, split_job
 
 
 def job(name="r", width=256, height=256, steps=4, guidance=2.5, seeds=(1,), conditioning=()):
@@ -23,9 +23,26 @@ def test_count_images_sums_n():
     assert count_images([job(seeds=(1, 2, 3)), job(seeds=(4,))]) == 4
 
 
-def test_compatible_jobs_share_a_group_in_arrival_order():
+def drain(jobs, max_images=8):
+    """Apply next_call until nothing waits: the calls, as request names."""
+    waiting, calls = list(jobs), []
+    while waiting:
+        taken = next_call(waiting, max_images)
+        calls.append([waiting[i].request_id for i in taken])
+        waiting = [job for i, job in enumerate(waiting) if i not in taken]
+    return calls
+
+
+def test_compatible_jobs_share_a_call_in_arrival_order():
     jobs = [job("a"), job("b", width=512), job("c"), job("d", steps=8), job("e", width=512)]
-    assert group_jobs(jobs) == [[0, 2], [1, 4], [3]]
+    assert drain(jobs) == [["a", "c"], ["b", "e"], ["d"]]
+
+
+def test_a_call_holds_at_most_max_images_and_the_oldest_always_goes():
+    jobs = [job("a", seeds=(1, 2, 3)), job("b", seeds=(4, 5, 6)), job("c", seeds=(7, 8, 9))]
+    assert drain(jobs, max_images=8) == [["a", "b"], ["c"]]
+    assert drain([job("big", seeds=range(5))], max_images=4) == [["big"]]
+    assert next_call([], 8) == []
 
 
 @pytest.mark.parametrize(
@@ -38,21 +55,21 @@ def test_compatible_jobs_share_a_group_in_arrival_order():
         job(conditioning=(Image.new("RGB", (64, 64)),)),
     ],
 )
-def test_any_geometry_difference_splits_groups(other):
-    assert len(group_jobs([job(), other])) == 2
+def test_any_geometry_difference_splits_calls(other):
+    assert next_call([job(), other], 8) == [0]
 
 
 def test_masked_edits_never_share_a_call_with_plain_edits():
     canvas = (Image.new("RGB", (64, 64)),)
-    plain = job(conditioning=canvas)
-    masked = ImageJob(**{**plain.__dict__, "mask": Image.new("L", (256, 256))})
-    assert group_jobs([plain, masked, plain]) == [[0, 2], [1]]
+    plain = job("p1", conditioning=canvas)
+    masked = ImageJob(**{**plain.__dict__, "request_id": "m", "mask": Image.new("L", (256, 256))})
+    assert drain([plain, masked, job("p2", conditioning=canvas)]) == [["p1", "p2"], ["m"]]
 
 
-def test_conditioning_with_same_shape_shares_a_group():
+def test_conditioning_with_same_shape_shares_a_call():
     a = job(conditioning=(Image.new("RGB", (64, 32)),))
     b = job(conditioning=(Image.new("RGB", (64, 32), "red"),))
-    assert group_jobs([a, b]) == [[0, 1]]
+    assert next_call([a, b], 8) == [0, 1]
 
 
 def test_split_keeps_every_seed_in_order():

@@ -50,15 +50,32 @@ def test_prompt_over_the_text_context_is_a_400(model):
     )
 
 
-def test_a_failing_group_fails_only_its_own_requests(model):
+async def run(model, jobs):
+    return await asyncio.gather(*model.run_jobs(jobs))
+
+
+def test_a_failing_call_fails_only_its_own_requests(model):
     jobs = [job("ok-1"), job("broken", width=BROKEN_WIDTH), job("ok-2", seeds=(2, 3))]
-    results = asyncio.run(model.run_jobs(jobs))
+    results = asyncio.run(run(model, jobs))
     assert len(results) == 3
     assert isinstance(results[1], RuntimeError)
-    (images_1, batch_1), (images_2, batch_2) = results[0], results[2]
+    (images_1, call_1), (images_2, call_2) = results[0], results[2]
     assert [im.size for im in images_1] == [(64, 64)]
     assert [im.size for im in images_2] == [(64, 64), (64, 64)]
-    assert batch_1 == batch_2 == 4  # images in the whole batch, failed group included
+    assert call_1 == call_2 == 3  # ok-1 and ok-2 shared one call of 3 images
+
+
+def test_jobs_waiting_while_a_call_runs_ride_the_next_call_together(model):
+    """Batches handed over while the pipeline is busy merge into one full call."""
+
+    async def scenario():
+        first = model.run_jobs([job("first")])
+        await asyncio.sleep(0)  # the first call is now running in the pipeline thread
+        later = [model.run_jobs([job(f"later-{i}", seeds=(i,))]) for i in range(3)]
+        return await asyncio.gather(*first, *(f for batch in later for f in batch))
+
+    results = asyncio.run(scenario())
+    assert [images_in_call for _, images_in_call in results] == [1, 3, 3, 3]
 
 
 def test_health_check_passes_when_loaded(model):

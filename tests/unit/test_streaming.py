@@ -125,7 +125,11 @@ def test_a_group_of_cancelled_requests_never_runs(tiny_cache_dir):
     cancel = threading.Event()
     cancel.set()
     jobs = [job(cancel=cancel), job(width=128, seeds=(2,))]
-    results = asyncio.run(model.run_jobs(jobs))
+
+    async def run():
+        return await asyncio.gather(*model.run_jobs(jobs))
+
+    results = asyncio.run(run())
     assert isinstance(results[0], asyncio.CancelledError)
     assert [im.size for im in results[1][0]] == [(128, 64)]
     assert [[j.width for j in group] for group in calls] == [[128]]
