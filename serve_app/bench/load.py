@@ -120,8 +120,13 @@ async def run_load(args) -> dict:
     elapsed = time.monotonic() - started
     rss["end"] = server_rss_bytes()
     ok = [latency for latency, outcome in latencies if outcome == "ok"]
-    before = sum(rss.get("after_warmup", rss["end"]).values())
-    after = sum(rss["end"].values())
+    # Growth of the processes that existed at both points; replicas started meanwhile (autoscaling)
+    # are new memory, not growth, and are reported apart.
+    baseline = rss.get("after_warmup", rss["end"])
+    common = baseline.keys() & rss["end"].keys()
+    before = sum(baseline[key] for key in common)
+    after = sum(rss["end"][key] for key in common)
+    new = sum(rss["end"][key] for key in rss["end"].keys() - baseline.keys())
     return {
         "settings": {k: v for k, v in vars(args).items() if k not in ("run", "api_key")},
         "requests": len(latencies),
@@ -141,7 +146,9 @@ async def run_load(args) -> dict:
             "after_warmup": round(before / 2**20, 1),
             "end": round(after / 2**20, 1),
             "growth_percent": round(100 * (after - before) / before, 2) if before else None,
-            "processes": len(rss["end"]),
+            "processes": len(common),
+            "new_processes": len(rss["end"].keys() - baseline.keys()),
+            "new_processes_mib": round(new / 2**20, 1),
         },
     }
 

@@ -3,7 +3,8 @@
 The app is deployed the way `serve run configs/local.yaml` does it (serve_start with the file's
 http_options, then deploy_apps with the parsed config), with test-only changes: a free port, fresh
 model cache and image directories, a known URL-signing secret, small upload limits (so limit tests
-send small bodies) and a longer batch wait so that concurrent requests visibly batch.
+send small bodies), a longer batch wait so that concurrent requests visibly batch, and at most one
+model replica.
 """
 
 import socket
@@ -44,6 +45,9 @@ def local_config(port: int, cache_dir: str, images_dir: str) -> dict:
         if "user_config" in deployment:
             deployment["user_config"]["batch_wait_timeout_s"] = BATCH_WAIT_S
             deployment["max_queued_requests"] = 4  # so the overload test needs few requests
+            # One replica: batching and cancellation tests need their requests to meet there
+            # (the overload test would otherwise scale the deployment to two).
+            deployment["autoscaling_config"]["max_replicas"] = 1
     return config
 
 
