@@ -27,7 +27,7 @@ def model_deployment_options(args: AppArgs) -> dict:
     return {
         "num_replicas": 1,
         "ray_actor_options": {"num_cpus": 1},
-        # Two batches' worth of requests: one running, one filling (Ray warns below one).
+        # Two calls' worth of requests: one running, one queued for the next call.
         "max_ongoing_requests": 2 * args.batching.max_batch_images,
         "user_config": args.batching.model_dump(),
         # A batch of large images can take minutes on a slow device.

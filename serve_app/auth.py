@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from serve_app.config import AuthConfig
-from serve_app.protocol import APIError
+from serve_app.contract import APIError
 
 
 def _digest(key: str) -> bytes:

@@ -37,17 +37,6 @@ def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode bytes into a fully loaded PIL image (raises on corrupt data)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def decode_base64_image(b64: str) -> Image.Image:
-    return decode_image(base64.b64decode(b64))
-
-
 # --- uploads -------------------------------------------------------------------------------------
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")

@@ -6,10 +6,14 @@ models; defaults live here and nowhere else. No torch, no Ray.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.geometry import PATCH, parse_wxh
 
 QualityName = Literal["low", "medium", "high"]
 
@@ -21,8 +25,13 @@ KONTEXT_RESOLUTIONS = [
 ]  # fmt: skip
 
 
+def cache_root() -> Path:
+    """Where generated files live by default: `$SERVE_APP_CACHE` or `~/.cache/serve_app`."""
+    return Path(os.environ.get("SERVE_APP_CACHE") or Path.home() / ".cache" / "serve_app")
+
+
 def _half_side(resolution: str) -> str:
-    width, height = (int(v) for v in resolution.split("x"))
+    width, height = parse_wxh(resolution)
     return f"{round(width / 32) * 16}x{round(height / 32) * 16}"
 
 
@@ -178,30 +187,29 @@ class ModelConfig(StrictModel):
     @field_validator("default_size")
     @classmethod
     def _check_default_size(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+x\d+", value):
-            raise ValueError(f"default_size must look like 1024x1024, got {value!r}")
+        parse_wxh(value)  # ValueError names the expected form
         return value
 
-    @field_validator("preferred_resolutions")
+    @field_validator("preferred_resolutions", "warmup_sizes")
     @classmethod
     def _check_resolutions(cls, values: list[str]) -> list[str]:
         for value in values:
-            match = re.fullmatch(r"(\d+)x(\d+)", value)
-            if not match or int(match[1]) % 16 or int(match[2]) % 16:
-                raise ValueError(f"preferred resolution {value!r} must be WxH, multiples of 16")
+            width, height = parse_wxh(value)
+            if width % PATCH or height % PATCH:
+                raise ValueError(f"resolution {value!r} must have sides that are multiples of 16")
         return values
 
     @property
     def resolution_buckets(self) -> list[tuple[int, int]]:
-        return [tuple(int(v) for v in r.split("x")) for r in self.preferred_resolutions]
+        return [parse_wxh(r) for r in self.preferred_resolutions]
 
     @model_validator(mode="after")
     def _check_bounds(self) -> ModelConfig:
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
-        width, height = (int(v) for v in self.default_size.split("x"))
+        width, height = parse_wxh(self.default_size)
         for side in (width, height):
-            if side % 16 or not self.min_side <= side <= self.max_side:
+            if side % PATCH or not self.min_side <= side <= self.max_side:
                 raise ValueError(
                     f"default_size {self.default_size} must have sides that are multiples of 16 "
                     f"within [{self.min_side}, {self.max_side}]"
@@ -226,8 +234,9 @@ class BatchingConfig(StrictModel):
         0.005,
         ge=0,
         le=10,
-        description="How long an idle replica waits for more requests to join a batch (under "
-        "load, requests that arrive during a pipeline call join the next call anyway).",
+        description="Once the pipeline is free, how long it waits for more requests before "
+        "starting a call that is not full (requests that arrive during a call join the next one "
+        "anyway).",
     )
 
 

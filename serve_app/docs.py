@@ -1,7 +1,7 @@
-"""Generate the README's reference tables from the pydantic models (one source of truth).
+"""Generate the reference tables in docs/ from the pydantic models (one source of truth).
 
-python -m serve_app.docs          # rewrite the generated sections of README.md
-python -m serve_app.docs --check  # exit 1 if README.md is out of date (a test runs this)
+python -m serve_app.docs          # rewrite the generated sections of docs/*.md
+python -m serve_app.docs --check  # exit 1 if a file is out of date (a test runs this)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from serve_app.config import (
 )
 from serve_app.protocol import ImageGenerationRequest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def _type_name(annotation) -> str:
@@ -60,50 +60,63 @@ def fields_table(model: type[BaseModel], prefix: str = "") -> str:
     return "\n".join(rows)
 
 
-def sections() -> dict[str, str]:
+def sections() -> dict[str, dict[str, str]]:
+    """File in docs/ -> generated section name -> its text."""
     return {
-        "request-parameters": fields_table(ImageGenerationRequest),
-        "app-args": "\n\n".join(
-            [
-                "`args:` of `serve_app.app:build_app`\n\n" + fields_table(AppArgs),
-                "Each entry of `models:`\n\n" + fields_table(ModelConfig),
-                "`quality_steps:`\n\n" + fields_table(QualitySteps),
-                "`speed:`\n\n" + fields_table(SpeedConfig),
-                "`batching:` (and a model deployment's `user_config`)\n\n"
-                + fields_table(BatchingConfig),
-                "`limits:`\n\n" + fields_table(UploadLimits),
-                "`storage:`\n\n" + fields_table(StorageConfig),
-                "`auth:`\n\n" + fields_table(AuthConfig),
-            ]
-        ),
+        "api.md": {"request-parameters": fields_table(ImageGenerationRequest)},
+        "configuration.md": {"app-args": _config_tables()},
     }
 
 
-def render(text: str) -> str:
-    for name, body in sections().items():
+def _config_tables() -> str:
+    return "\n\n".join(
+        [
+            "`args:` of `serve_app.app:build_app`\n\n" + fields_table(AppArgs),
+            "Each entry of `models:`\n\n" + fields_table(ModelConfig),
+            "`quality_steps:`\n\n" + fields_table(QualitySteps),
+            "`speed:`\n\n" + fields_table(SpeedConfig),
+            "`batching:` (and a model deployment's `user_config`)\n\n"
+            + fields_table(BatchingConfig),
+            "`limits:`\n\n" + fields_table(UploadLimits),
+            "`storage:`\n\n" + fields_table(StorageConfig),
+            "`auth:`\n\n" + fields_table(AuthConfig),
+        ]
+    )
+
+
+def render(text: str, generated: dict[str, str], filename: str) -> str:
+    for name, body in generated.items():
         start, end = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
         before, found, rest = text.partition(start)
         if not found:
-            raise SystemExit(f"README.md lacks the marker {start}")
+            raise SystemExit(f"{filename} lacks the marker {start}")
         _, found, after = rest.partition(end)
         if not found:
-            raise SystemExit(f"README.md lacks the marker {end}")
+            raise SystemExit(f"{filename} lacks the marker {end}")
         text = f"{before}{start}\n{body}\n{end}{after}"
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a file is stale")
     args = parser.parse_args(argv)
-    current = README.read_text()
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print("README.md is out of date: run python -m serve_app.docs", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(wanted)
+    stale = []
+    for filename, generated in sections().items():
+        path = DOCS / filename
+        current = path.read_text()
+        wanted = render(current, generated, filename)
+        if wanted == current:
+            continue
+        stale.append(filename)
+        if not args.check:
+            path.write_text(wanted)
+    if args.check and stale:
+        print(
+            f"docs/{', docs/'.join(stale)} out of date: run python -m serve_app.docs",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

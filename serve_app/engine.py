@@ -1,8 +1,8 @@
 """Load and run the FLUX Kontext pipeline. No HTTP, no Ray.
 
 Written as numbered steps like a diffusers ``__call__``: the engine turns a group of compatible
-jobs (see ``serve_app.batching``) into one pipeline call with a prompt list and one seeded
-``torch.Generator`` per image, and returns PIL images per job.
+jobs (``contract.ImageJob``s grouped by ``batching``) into one pipeline call with a prompt list and
+one seeded ``torch.Generator`` per image, and returns PIL images per job.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from serve_app.batching import GenerationCancelled, ImageJob, PartialImages
+from serve_app.batching import group_key
 from serve_app.config import ModelConfig
+from serve_app.contract import GenerationCancelled, ImageJob, PreviewImages
+from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
+from serve_app.previews import decode_preview, fit_latent_rgb
+from serve_app.speed import SpeedOptionError, apply_speed_options
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class FluxEngine:
         self.pipe = None
         self.inpaint_pipe = None
         self._velocity = None  # the transformer's latest prediction, for preview estimates
-        self._preview_projection = None  # (17, 3) latent -> RGB, fitted on this model's VAE
+        self._preview_projection = None  # latent_rgb previews: (17, 3) latent -> RGB
 
     def load(self) -> None:
         """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
@@ -100,10 +104,14 @@ class FluxEngine:
             pipe.vae.enable_tiling()
         if config.vae_slicing:
             pipe.vae.enable_slicing()
-        self._apply_speed_options(pipe.transformer)
+        try:
+            apply_speed_options(pipe.transformer, speed)
+        except SpeedOptionError as exc:
+            raise ModelLoadError(f"model {config.id!r}: {exc}") from exc
         pipe.transformer.register_forward_hook(self._remember_velocity)
         self.pipe = pipe
-        self._preview_projection = self._fit_preview_projection()
+        if config.preview_decoder == "latent_rgb":
+            self._preview_projection = fit_latent_rgb(pipe, self.device)
         # Masked edits: the inpaint variant over the same modules, no second copy of the weights.
         self.inpaint_pipe = FluxKontextInpaintPipeline.from_pipe(pipe)
         self.inpaint_pipe.set_progress_bar_config(disable=True)
@@ -120,83 +128,18 @@ class FluxEngine:
     def _remember_velocity(self, module, args, output) -> None:
         self._velocity = output[0] if isinstance(output, tuple) else output.sample
 
-    @torch.inference_mode()
-    def _fit_preview_projection(self) -> torch.Tensor:
-        """Least-squares linear map from this model's latents to RGB, for cheap previews.
-
-        Encodes a calibration image of random colour blocks with the model's own VAE and fits
-        RGB (at latent resolution) ~ [latent, 1] @ W, so it works for any VAE, the tiny one too.
-        """
-        import numpy as np
-
-        pipe, cell = self.pipe, self.pipe.vae_scale_factor
-        rng = np.random.default_rng(0)
-        blocks = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)
-        pixels = torch.from_numpy(blocks.repeat(cell, 0).repeat(cell, 1)).float() / 127.5 - 1
-        image = pixels.permute(2, 0, 1)[None].to(self.device, pipe.vae.dtype)
-        latents = pipe.vae.encode(image).latent_dist.mode()
-        latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-        features = latents[0].permute(1, 2, 0).reshape(-1, latents.shape[1]).float().cpu()
-        features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
-        target = torch.from_numpy(blocks.reshape(-1, 3)).float() / 127.5 - 1
-        return torch.linalg.lstsq(features, target).solution
-
-    @torch.inference_mode()
     def decode_preview(
         self, packed_latents: torch.Tensor, width: int, height: int
     ) -> list[Image.Image]:
         """Images from packed latents with the configured preview decoder."""
-        pipe = self.pipe
-        latents = pipe._unpack_latents(packed_latents, height, width, pipe.vae_scale_factor)
-        if self.config.preview_decoder == "vae":
-            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-            return pipe.image_processor.postprocess(decoded, output_type="pil")
-        projection = self._preview_projection
-        rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), projection[:-1]) + projection[-1]
-        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        return [Image.fromarray(p).resize((width, height), Image.BILINEAR) for p in pixels]
-
-    def _apply_speed_options(self, transformer) -> None:
-        speed = self.config.speed
-        if speed.attention_backend:
-            try:
-                transformer.set_attention_backend(speed.attention_backend)
-            except Exception as exc:  # noqa: BLE001 - re-raised with advice
-                raise ModelLoadError(
-                    f"model {self.config.id!r}: attention backend "
-                    f"{speed.attention_backend!r} is not usable here: {exc}"
-                ) from exc
-        if speed.quantization == "fp8":
-            try:
-                from torchao.quantization import (
-                    Float8DynamicActivationFloat8WeightConfig,
-                    quantize_,
-                )
-            except ImportError as exc:
-                raise ModelLoadError(
-                    "speed.quantization 'fp8' needs torchao: pip install torchao"
-                ) from exc
-            quantize_(transformer, Float8DynamicActivationFloat8WeightConfig())
-        if speed.first_block_cache_threshold is not None:
-            from diffusers import FirstBlockCacheConfig
-
-            transformer.enable_cache(
-                FirstBlockCacheConfig(threshold=speed.first_block_cache_threshold)
-            )
-        if speed.compile:
-            transformer.compile_repeated_blocks(fullgraph=True)
+        return decode_preview(self.pipe, packed_latents, width, height, self._preview_projection)
 
     def warmup(self) -> None:
         """One short text-to-image and one edit per warm-up size, so no client pays for first
         calls (allocator growth, kernel selection, compilation)."""
-        from PIL import Image
-
-        from serve_app.imageops import nearest_resolution, parse_resolution
-
         sizes = self.config.warmup_sizes or [self.config.default_size]
         for size in sizes:
-            width, height = parse_resolution(size)
+            width, height = parse_wxh(size)
             canvas = Image.new(
                 "RGB", nearest_resolution(width, height, self.config.resolution_buckets), "gray"
             )
@@ -231,7 +174,7 @@ class FluxEngine:
         """Run compatible jobs as one pipeline call; returns each job's images in seed order."""
         # 1. Check the jobs really share one call.
         first = jobs[0]
-        keys = {job.group_key() for job in jobs}
+        keys = {group_key(job) for job in jobs}
         if len(keys) != 1:
             raise ValueError(f"jobs in one pipeline call must share a group key, got {keys}")
 
@@ -262,7 +205,7 @@ class FluxEngine:
                     rows = slice(offset, offset + job.n)
                     denoised = latents[rows] - sigma_next * velocity[rows]
                     job.events(
-                        PartialImages(
+                        PreviewImages(
                             partial_index=job.preview_steps.index(step),
                             step=step,
                             first_image_index=job.first_image_index,
@@ -291,7 +234,7 @@ class FluxEngine:
             output_type="pil",
         )
         pipe = self.pipe
-        if first.mask is not None:
+        if first.masked:
             pipe = self.inpaint_pipe
             kwargs.update(
                 image=per_image(job.init_image for job in jobs),
@@ -316,7 +259,7 @@ class FluxEngine:
         results, start = [], 0
         for job in jobs:
             own = images[start : start + job.n]
-            if job.mask is not None:
+            if job.masked:
                 own = [composite(image, job.init_image, job.mask) for image in own]
             results.append(own)
             start += job.n

@@ -11,19 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-PATCH = 16
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    width, height = text.split("x")
-    return int(width), int(height)
-
-
-def nearest_resolution(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to width/height (as FLUX Kontext picks them)."""
-    aspect = width / height
-    _, best_w, best_h = min((abs(aspect - w / h), w, h) for w, h in buckets)
-    return best_w, best_h
+from serve_app.geometry import nearest_resolution
 
 
 def stitch_horizontally(images: list[Image.Image]) -> Image.Image:

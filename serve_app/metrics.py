@@ -1,8 +1,8 @@
 """Prometheus metrics through `ray.serve.metrics` (exported at Ray's metrics port, `ray_` prefix).
 
-Ray Serve already exports request counts/latencies per deployment and `@serve.batch` metrics
-(`serve_actual_batch_size` counts images here, through `batch_size_fn`); these add what is
-specific to image generation. Outside a Ray cluster every metric is a no-op.
+Ray Serve already exports request counts and latencies per deployment; these add what is specific
+to image generation, batching included (`serve_app_images_per_call`). Outside a Ray cluster every
+metric is a no-op.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300]
+IMAGES_PER_CALL_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
 
 class _NoMetric:
@@ -78,6 +79,13 @@ class ModelMetrics:
             tags,
             boundaries=LATENCY_BUCKETS_S,
         )
+        self.images_per_call = _make(
+            "Histogram",
+            "serve_app_images_per_call",
+            "Images in each pipeline call (how well batching fills calls).",
+            tags,
+            boundaries=IMAGES_PER_CALL_BUCKETS,
+        )
         self.steps = _make(
             "Counter", "serve_app_denoising_steps", "Denoising steps run, per image.", tags
         )
@@ -87,6 +95,12 @@ class ModelMetrics:
             "Fraction of the denoising steps done by the pipeline call running now.",
             tags,
         )
-        for metric in (self.queue_wait, self.seconds_per_image, self.steps, self.progress):
+        for metric in (
+            self.queue_wait,
+            self.seconds_per_image,
+            self.images_per_call,
+            self.steps,
+            self.progress,
+        ):
             if hasattr(metric, "set_default_tags"):
                 metric.set_default_tags({"model": model_id})

@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 
 from serve_app.config import AppArgs
 from serve_app.protocol import (
+    CompletedImageEvent,
     ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -20,6 +21,7 @@ from serve_app.protocol import (
     ImageVariationRequest,
     ModelCard,
     ModelList,
+    PartialImageEvent,
 )
 
 ERROR_STATUSES = {
@@ -74,7 +76,16 @@ def _images_response(streams: bool) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": _ref("ImagesResponse")}}
     if streams:
         content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "Server-sent events (stream: true)."}
+            "schema": {
+                "description": "With `stream: true`: server-sent events, each `event: <type>` "
+                "and `data: <one of these>`; a failure after the stream started is an "
+                "`event: error` whose data is the error envelope.",
+                "oneOf": [
+                    _ref("PartialImageEvent"),
+                    _ref("CompletedImageEvent"),
+                    _ref("ErrorResponse"),
+                ],
+            }
         }
     return {"200": {"description": "Generated images", "content": content}, **_errors()}
 
@@ -86,6 +97,8 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
             (ImageEditRequest, "validation"),
             (ImagesResponse, "serialization"),
             (ErrorResponse, "serialization"),
+            (PartialImageEvent, "serialization"),
+            (CompletedImageEvent, "serialization"),
             (ModelList, "serialization"),
             (ModelCard, "serialization"),
         ],

@@ -7,6 +7,7 @@ presigned URLs. Both backends delete images once their links have expired.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 from serve_app.codec import MEDIA_TYPES
-from serve_app.config import StorageConfig
-from serve_app.protocol import APIError
+from serve_app.config import StorageConfig, cache_root
+from serve_app.contract import APIError
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,8 +32,15 @@ class ImageStore(Protocol):
     def save(self, data: bytes, output_format: str, base_url: str) -> str:
         """Store one encoded image; return the URL a client downloads it from."""
 
+    def read(self, name: str, expires: str | None, signature: str | None) -> tuple[bytes, str]:
+        """The bytes and media type behind a link this server signed; 403/404 otherwise."""
+
     def cleanup(self) -> int:
         """Delete expired images; return how many went."""
+
+
+def _no_such_image() -> APIError:
+    return APIError("No such image.", status=404, code="not_found")
 
 
 def new_name(output_format: str) -> str:
@@ -63,7 +71,7 @@ class LocalImageStore:
     def read(self, name: str, expires: str | None, signature: str | None) -> tuple[bytes, str]:
         """The image behind a link: 403 when the signature is wrong, 404 when expired or gone."""
         if not _NAME.fullmatch(name):
-            raise APIError("No such image.", status=404, code="not_found")
+            raise _no_such_image()
         if not expires or not signature or not expires.isdigit():
             raise APIError("The link is not signed.", status=403, code="invalid_signature")
         if not hmac.compare_digest(self.sign(name, int(expires)), signature):
@@ -73,7 +81,7 @@ class LocalImageStore:
         try:
             data = (self.directory / name).read_bytes()
         except FileNotFoundError:
-            raise APIError("No such image.", status=404, code="not_found") from None
+            raise _no_such_image() from None
         return data, MEDIA_TYPES[name.rsplit(".", 1)[1]]
 
     def cleanup(self) -> int:
@@ -116,6 +124,10 @@ class S3ImageStore:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.ttl_s
         )
 
+    def read(self, name: str, expires: str | None, signature: str | None) -> tuple[bytes, str]:
+        """S3 links are the bucket's own presigned URLs; this server serves no files."""
+        raise _no_such_image()
+
     def cleanup(self) -> int:
         cutoff = time.time() - self.ttl_s
         expired = []
@@ -148,8 +160,17 @@ def url_secret(config: StorageConfig) -> bytes:
 def make_store(config: StorageConfig) -> ImageStore:
     if config.backend == "s3":
         return S3ImageStore(config)
-    directory = config.local_dir
-    if directory is None:
-        root = os.environ.get("SERVE_APP_CACHE") or os.path.join(Path.home(), ".cache", "serve_app")
-        directory = os.path.join(root, "images")
+    directory = config.local_dir or cache_root() / "images"
     return LocalImageStore(directory, url_secret(config), config.url_ttl_s)
+
+
+async def cleanup_forever(store: ImageStore, interval_s: float) -> None:
+    """Delete expired images every `interval_s` (a background task of the ingress)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            removed = await asyncio.to_thread(store.cleanup)
+            if removed:
+                logger.info("deleted %d expired images", removed)
+        except Exception:  # noqa: BLE001 - keep cleaning next time
+            logger.exception("image cleanup failed")

@@ -36,8 +36,9 @@ _COMMON_WORDS = (
 
 def default_cache_dir() -> Path:
     """Where the tiny model is saved: ``$SERVE_APP_CACHE`` or ``~/.cache/serve_app``."""
-    root = os.environ.get("SERVE_APP_CACHE") or os.path.join(Path.home(), ".cache", "serve_app")
-    return Path(root) / f"tiny-flux-kontext-v{TINY_VERSION}"
+    from serve_app.config import cache_root
+
+    return cache_root() / f"tiny-flux-kontext-v{TINY_VERSION}"
 
 
 def _t5_vocab() -> list[tuple[str, float]]:

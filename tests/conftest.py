@@ -1,9 +1,13 @@
 """Fixtures shared by unit and integration tests."""
 
+import base64
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from serve_app.codec import decode_base64_image
+from serve_app.contract import ImageJob
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +30,31 @@ def assert_batch_equivalent(batched: np.ndarray, alone: np.ndarray) -> None:
     diff = np.abs(batched - alone)
     assert diff.max() <= 2, f"max channel difference {diff.max()}"
     assert (diff > 0).mean() < 0.001, f"{(diff > 0).mean():.4%} of values differ"
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode bytes into a fully loaded PIL image (raises on corrupt data)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def decode_base64_image(b64: str) -> Image.Image:
+    return decode_image(base64.b64decode(b64))
+
+
+def make_job(**fields) -> ImageJob:
+    """A small text-to-image job; any field can be overridden."""
+    values = dict(
+        request_id="r", prompt="a cat", width=64, height=64, steps=2, guidance=2.5, seeds=(1,)
+    )
+    return ImageJob(**{**values, **fields})
+
+
+def api_error(fn, *args, **kwargs):
+    """The APIError `fn(*args, **kwargs)` raises (fails the test if it raises none)."""
+    from serve_app.contract import APIError
+
+    with pytest.raises(APIError) as info:
+        fn(*args, **kwargs)
+    return info.value

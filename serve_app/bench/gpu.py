@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from serve_app.bench.machine import describe, device_label
+from serve_app.bench.machine import bench_job, describe, device_label
 
 OPTIONS = {
     "plain": {},
@@ -54,12 +54,11 @@ def measure(option: str, args) -> dict:
     import torch
     from PIL import Image
 
-    from serve_app.batching import ImageJob
     from serve_app.config import ModelConfig
     from serve_app.engine import FluxEngine, ModelLoadError
-    from serve_app.imageops import nearest_resolution, parse_resolution
+    from serve_app.geometry import nearest_resolution, parse_wxh
 
-    width, height = parse_resolution(args.size)
+    width, height = parse_wxh(args.size)
     config = ModelConfig(
         id="bench",
         source=args.source,
@@ -78,25 +77,8 @@ def measure(option: str, args) -> dict:
     try:
         canvas = Image.new("RGB", nearest_resolution(width, height, config.resolution_buckets))
         jobs = {
-            "text_to_image": ImageJob(
-                "bench",
-                "a lighthouse at dawn",
-                width,
-                height,
-                args.steps,
-                config.default_guidance,
-                (0,),
-            ),
-            "edit": ImageJob(
-                "bench",
-                "make it night",
-                width,
-                height,
-                args.steps,
-                config.default_guidance,
-                (0,),
-                conditioning=(canvas,),
-            ),
+            "text_to_image": bench_job(config, args.size, args.steps),
+            "edit": bench_job(config, args.size, args.steps, prompt="make it night", canvas=canvas),
         }
         started = time.perf_counter()
         engine.warmup()

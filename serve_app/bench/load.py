@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
-SERVER_PROCESS_MARKERS = ("ServeReplica", "ProxyActor", "ServeController")
+SERVER_ACTOR_CLASSES = ("ServeReplica", "ProxyActor", "ServeController")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,19 +47,40 @@ def check_local(url: str) -> None:
         raise SystemExit(f"{url} is not on this machine (use --allow-remote for a server you run)")
 
 
+def serve_processes() -> dict[int, str]:
+    """PID -> actor class (`ProxyActor`, `ServeController`, `ServeReplica:<app>:<deployment>`) of
+    the Serve processes on this machine, from Ray's own actor table (process titles change while
+    replicas work, so they cannot be trusted). Connects to the local cluster if needed; empty
+    when there is none."""
+    import psutil
+    import ray
+    from ray._private import state
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+        except Exception:  # noqa: BLE001 - no local cluster: nothing to measure
+            return {}
+    actors = state.actors(actor_state_name="ALIVE").values()
+    return {
+        actor["Pid"]: actor["ActorClassName"]
+        for actor in actors
+        if actor["ActorClassName"].startswith(SERVER_ACTOR_CLASSES)
+        and actor["Pid"]
+        and psutil.pid_exists(actor["Pid"])
+    }
+
+
 def server_rss_bytes() -> dict[str, int]:
-    """Resident memory of this machine's Ray Serve processes (replicas, proxy, controller)."""
+    """Resident memory of this machine's Ray Serve processes, keyed `pid:actor class`."""
     import psutil
 
     usage = {}
-    for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if (
-            any(marker in cmdline for marker in SERVER_PROCESS_MARKERS)
-            and process.info["memory_info"]
-        ):
-            name = cmdline.split()[0] if cmdline else str(process.info["pid"])
-            usage[f"{process.info['pid']}:{name[:60]}"] = process.info["memory_info"].rss
+    for pid, actor_class in serve_processes().items():
+        try:
+            usage[f"{pid}:{actor_class}"] = psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
     return usage
 
 
@@ -147,6 +168,7 @@ async def run_load(args) -> dict:
             "end": round(after / 2**20, 1),
             "growth_percent": round(100 * (after - before) / before, 2) if before else None,
             "processes": len(common),
+            "measured": sorted(key.split(":", 1)[1] for key in common),
             "new_processes": len(rss["end"].keys() - baseline.keys()),
             "new_processes_mib": round(new / 2**20, 1),
         },

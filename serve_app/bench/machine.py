@@ -35,3 +35,19 @@ def describe() -> dict:
 
 def device_label(info: dict) -> str:
     return info["gpu"] or f"CPU: {info['cpu']} ({info['cores']} cores)"
+
+
+def bench_job(
+    config, size: str, steps: int, n: int = 1, prompt: str = "a lighthouse at dawn", canvas=None
+):
+    """The job a request for `size`, `steps` and `n` images becomes, through the same resolution
+    as the server's (`canvas`: an edit's conditioning image)."""
+    from serve_app.imageops import Conditioning
+    from serve_app.protocol import ImageGenerationRequest
+    from serve_app.resolution import resolve_generation
+
+    request = ImageGenerationRequest(
+        prompt=prompt, n=n, size=size, num_inference_steps=steps, seed=0
+    )
+    resolved = resolve_generation(request, {config.id: config}, max_n=max(n, 1))
+    return resolved.to_job("bench", Conditioning(canvas) if canvas is not None else None)

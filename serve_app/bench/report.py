@@ -20,7 +20,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-from serve_app.bench.machine import describe, device_label
+from serve_app.bench.machine import bench_job, describe, device_label
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,27 +77,16 @@ def pipeline_baseline(args) -> list[dict]:
     """Images/s per batch size in this process, encoding included."""
     import torch
 
-    from serve_app.batching import ImageJob
     from serve_app.codec import encode_image
     from serve_app.engine import FluxEngine
-    from serve_app.imageops import parse_resolution
 
     config = model_config(args)
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     engine = FluxEngine(config)
     engine.load()
-    width, height = parse_resolution(args.size)
     rows = []
     for batch in _ints(args.batch_sizes):
-        job = ImageJob(
-            "bench",
-            "a lighthouse at dawn",
-            width,
-            height,
-            args.steps,
-            config.default_guidance,
-            tuple(range(batch)),
-        )
+        job = bench_job(config, args.size, args.steps, n=batch)
         for _ in range(2):
             engine.generate([job])
         times = []

@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from serve_app.config import ModelConfig
-from serve_app.imageops import nearest_resolution
-from serve_app.protocol import image_tokens
+from serve_app.geometry import image_tokens, nearest_resolution
 from tests.conftest import assert_batch_equivalent, pixels
 from tests.integration.conftest import TEST_LIMITS, URL_SECRET
 

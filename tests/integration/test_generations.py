@@ -9,6 +9,7 @@ import openai
 import pytest
 from PIL import Image
 
+from serve_app.geometry import parse_wxh
 from tests.conftest import assert_batch_equivalent, pixels
 
 MODEL = "flux-kontext-tiny"
@@ -67,7 +68,7 @@ def test_default_model_and_auto_size(client):
 @pytest.mark.parametrize("size", ["1536x1024", "1024x1536", "320x192"])
 def test_non_square_sizes_are_exact(client, size):
     result = client.images.generate(prompt="a cat", size=size, quality="low")
-    width, height = (int(v) for v in size.split("x"))
+    width, height = parse_wxh(size)
     assert decode(result.data[0].b64_json).size == (width, height)
     assert result.size == size
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from serve_app.bench.load import run_load
+from tests.integration.conftest import APP_NAME
 from tests.integration.test_streaming import metric_values, settled_sum
 
 
@@ -98,7 +99,7 @@ def test_request_metrics_are_scrapeable(http, metrics_port):
         "ray_serve_app_request_seconds_bucket",
         "ray_serve_app_queue_wait_seconds_bucket",
         "ray_serve_app_pipeline_seconds_per_image_bucket",
-        "ray_serve_actual_batch_size_bucket",
+        "ray_serve_app_images_per_call_bucket",
     ):
         assert family in text, family
 
@@ -127,5 +128,17 @@ def test_short_soak_has_no_errors_and_flat_memory(base_url, tmp_path):
     assert not unexpected, result["outcomes"]
     assert result["successes"] > 100
     assert result["latency_s"]["p99"] is not None
-    assert result["server_rss_mib"]["processes"] >= 3
+    # Measured: the proxy, the ingress and every running model replica (from Ray's actor table).
+    from ray import serve
+
+    deployments = serve.status().applications[APP_NAME].deployments
+    model_replicas = sum(
+        info.replica_states.get("RUNNING", 0)
+        for name, info in deployments.items()
+        if name.startswith("ImageModel-")
+    )
+    measured = result["server_rss_mib"]["measured"]
+    assert "ProxyActor" in measured and f"ServeReplica:{APP_NAME}:ImagesIngress" in measured
+    replicas = [m for m in measured if m.startswith(f"ServeReplica:{APP_NAME}:ImageModel-")]
+    assert model_replicas >= 1 and len(replicas) == model_replicas, (measured, model_replicas)
     assert result["server_rss_mib"]["growth_percent"] < 5, result["server_rss_mib"]

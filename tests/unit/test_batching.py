@@ -3,13 +3,13 @@
 import pytest
 from PIL import Image
 
-from serve_app.batching import ImageJob, check_batch_output, count_images, next_call, split_job
+from serve_app.batching import call_is_full, count_images, next_call, split_job
+from tests.conftest import make_job
 
 
 def job(name="r", width=256, height=256, steps=4, guidance=2.5, seeds=(1,), conditioning=()):
-    return ImageJob(
+    return make_job(
         request_id=name,
-        prompt="p",
         width=width,
         height=height,
         steps=steps,
@@ -45,6 +45,11 @@ def test_a_call_holds_at_most_max_images_and_the_oldest_always_goes():
     assert next_call([], 8) == []
 
 
+def test_a_call_is_full_only_when_its_group_reaches_max_images():
+    assert call_is_full([job(seeds=(1, 2)), job(seeds=(3, 4))], 4)
+    assert not call_is_full([job(seeds=(1, 2)), job(width=512, seeds=(3, 4))], 4)
+
+
 @pytest.mark.parametrize(
     "other",
     [
@@ -62,7 +67,7 @@ def test_any_geometry_difference_splits_calls(other):
 def test_masked_edits_never_share_a_call_with_plain_edits():
     canvas = (Image.new("RGB", (64, 64)),)
     plain = job("p1", conditioning=canvas)
-    masked = ImageJob(**{**plain.__dict__, "request_id": "m", "mask": Image.new("L", (256, 256))})
+    masked = make_job(**{**plain.__dict__, "request_id": "m", "mask": Image.new("L", (256, 256))})
     assert drain([plain, masked, job("p2", conditioning=canvas)]) == [["p1", "p2"], ["m"]]
 
 
@@ -72,9 +77,10 @@ def test_conditioning_with_same_shape_shares_a_call():
     assert next_call([a, b], 8) == [0, 1]
 
 
-def test_split_keeps_every_seed_in_order():
+def test_split_keeps_every_seed_and_image_index_in_order():
     chunks = split_job(job(seeds=range(10)), 4)
     assert [c.seeds for c in chunks] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+    assert [c.first_image_index for c in chunks] == [0, 4, 8]
     assert all(c.request_id == "r" and c.width == 256 for c in chunks)
 
 
@@ -83,20 +89,3 @@ def test_split_leaves_small_jobs_alone():
     assert split_job(small, 2) == [small]
     with pytest.raises(ValueError):
         split_job(small, 0)
-
-
-def test_batch_output_count_is_checked():
-    check_batch_output([1, 2], ["a", "b"])
-    with pytest.raises(RuntimeError, match="2 jobs"):
-        check_batch_output([1, 2], ["a"])
-
-
-def test_from_resolved_carries_everything():
-    from serve_app.config import ModelConfig
-    from serve_app.protocol import ImageGenerationRequest, resolve_generation
-
-    model = ModelConfig(id="t", source="tiny")
-    request = ImageGenerationRequest(prompt="a cat", n=2, seed=5, size="128x64")
-    resolved = resolve_generation(request, {"t": model}, 10)
-    made = ImageJob.from_resolved("id1", resolved)
-    assert (made.width, made.height, made.seeds, made.steps) == (128, 64, (5, 6), 4)

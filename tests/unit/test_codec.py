@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.codec import decode_base64_image, decode_image, encode_image, to_base64
+from serve_app.codec import encode_image, to_base64
+from tests.conftest import decode_base64_image, decode_image
 
 
 @pytest.fixture

@@ -67,4 +67,4 @@ def test_batching_bounds():
 def test_readme_reference_tables_match_the_schema():
     from serve_app.docs import main
 
-    assert main(["--check"]) == 0, "README.md is stale: run python -m serve_app.docs"
+    assert main(["--check"]) == 0, "docs/ is stale: run python -m serve_app.docs"

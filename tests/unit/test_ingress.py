@@ -7,8 +7,8 @@ import sys
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
-from serve_app.ingress import _unwrap_remote_error, error_response
-from serve_app.protocol import APIError
+from serve_app.contract import APIError
+from serve_app.http.errors import error_response, unwrap_remote_error
 
 
 def body(response):
@@ -47,9 +47,9 @@ def test_remote_api_errors_are_unwrapped():
     class Wrapped(Exception):
         cause = inner
 
-    assert _unwrap_remote_error(Wrapped()) is inner
+    assert unwrap_remote_error(Wrapped()) is inner
     other = ValueError("x")
-    assert _unwrap_remote_error(other) is other
+    assert unwrap_remote_error(other) is other
 
 
 def test_ingress_and_app_builder_do_not_import_torch():

@@ -1,13 +1,14 @@
-"""The model deployment class without Ray: token limits and per-group failure isolation."""
+"""The model deployment class without Ray: token limits, failure isolation, health."""
 
 import asyncio
+import time
 
 import pytest
 
-from serve_app.batching import ImageJob
+from serve_app.contract import APIError
 from serve_app.engine import FluxEngine
 from serve_app.model import ImageModel
-from serve_app.protocol import APIError
+from tests.conftest import make_job
 
 BROKEN_WIDTH = 128
 
@@ -34,9 +35,7 @@ def model(tiny_cache_dir):
 
 
 def job(name, width=64, seeds=(1,)):
-    return ImageJob(
-        request_id=name, prompt="a cat", width=width, height=64, steps=2, guidance=2.5, seeds=seeds
-    )
+    return make_job(request_id=name, width=width, seeds=seeds)
 
 
 def test_prompt_over_the_text_context_is_a_400(model):
@@ -50,33 +49,42 @@ def test_prompt_over_the_text_context_is_a_400(model):
     )
 
 
-async def run(model, jobs):
-    return await asyncio.gather(*model.run_jobs(jobs))
-
-
 def test_a_failing_call_fails_only_its_own_requests(model):
+    model.reconfigure({"max_batch_images": 8, "batch_wait_timeout_s": 0.5})
     jobs = [job("ok-1"), job("broken", width=BROKEN_WIDTH), job("ok-2", seeds=(2, 3))]
-    results = asyncio.run(run(model, jobs))
-    assert len(results) == 3
-    assert isinstance(results[1], RuntimeError)
-    (images_1, call_1), (images_2, call_2) = results[0], results[2]
-    assert [im.size for im in images_1] == [(64, 64)]
-    assert [im.size for im in images_2] == [(64, 64), (64, 64)]
-    assert call_1 == call_2 == 3  # ok-1 and ok-2 shared one call of 3 images
-
-
-def test_jobs_waiting_while_a_call_runs_ride_the_next_call_together(model):
-    """Batches handed over while the pipeline is busy merge into one full call."""
 
     async def scenario():
-        first = model.run_jobs([job("first")])
-        await asyncio.sleep(0)  # the first call is now running in the pipeline thread
-        later = [model.run_jobs([job(f"later-{i}", seeds=(i,))]) for i in range(3)]
-        return await asyncio.gather(*first, *(f for batch in later for f in batch))
+        return await asyncio.gather(*(model.generate(j) for j in jobs), return_exceptions=True)
 
-    results = asyncio.run(scenario())
-    assert [images_in_call for _, images_in_call in results] == [1, 3, 3, 3]
+    ok_1, broken, ok_2 = asyncio.run(scenario())
+    assert isinstance(broken, RuntimeError) and "out of memory" in str(broken)
+    assert len(ok_1.images) == 1 and len(ok_2.images) == 2
+    assert ok_1.batch_sizes == ok_2.batch_sizes == [3]  # ok-1 and ok-2 shared one call
 
 
-def test_health_check_passes_when_loaded(model):
+def test_a_request_bigger_than_a_call_is_split_keeping_its_seeds(model):
+    model.reconfigure({"max_batch_images": 2, "batch_wait_timeout_s": 0})
+    try:
+        split = asyncio.run(model.generate(job("big", seeds=(4, 5, 6))))
+        alone = asyncio.run(model.generate(job("alone", seeds=(6,))))
+    finally:
+        model.reconfigure({})
+    assert split.batch_sizes == [2, 1]
+    assert split.images[2] == alone.images[0]  # seed 6 ran alone in both: identical bytes
+
+
+def test_health_fails_when_a_call_hangs_or_the_model_is_gone(model):
+    model.check_health()
+    model._call_started = time.monotonic() - model.config.max_pipeline_call_s - 1
+    try:
+        with pytest.raises(RuntimeError, match="treating the replica as hung"):
+            model.check_health()
+    finally:
+        model._call_started = None
+    pipe, model.engine.pipe = model.engine.pipe, None
+    try:
+        with pytest.raises(RuntimeError, match="not loaded"):
+            model.check_health()
+    finally:
+        model.engine.pipe = pipe
     model.check_health()

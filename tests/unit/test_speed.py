@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.batching import ImageJob
 from serve_app.config import ModelConfig
+from serve_app.contract import ImageJob
 from serve_app.engine import FluxEngine, ModelLoadError
 
 STEPS = 8

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from serve_app.config import StorageConfig
-from serve_app.protocol import APIError
+from serve_app.contract import APIError
 from serve_app.storage import LocalImageStore, S3ImageStore, make_store
 
 

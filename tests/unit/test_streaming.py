@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.batching import GenerationCancelled, ImageJob, preview_steps, split_job
 from serve_app.config import ModelConfig
+from serve_app.contract import Accepted, Completed, GenerationCancelled, PartialImage
 from serve_app.engine import FluxEngine
 from serve_app.model import ImageModel
-from tests.conftest import assert_batch_equivalent
+from tests.conftest import assert_batch_equivalent, make_job
 
 STEPS = 6
 
@@ -31,28 +31,11 @@ def engine(request, tiny_cache_dir):
 
 
 def job(**fields):
-    values = dict(
-        request_id="r", prompt="a cat", width=96, height=64, steps=STEPS, guidance=2.5, seeds=(1,)
-    )
-    return ImageJob(**{**values, **fields})
+    return make_job(**{"width": 96, "height": 64, "steps": STEPS, **fields})
 
 
 def as_array(image):
     return np.asarray(image.convert("RGB")).astype(np.int16)
-
-
-@pytest.mark.parametrize(
-    "partial_images, steps, expected",
-    [(1, 28, (13,)), (2, 28, (8, 18)), (3, 28, (6, 13, 20)), (3, 4, (0, 1, 2)), (3, 2, (0,))],
-)
-def test_preview_steps_are_evenly_spaced_and_never_final(partial_images, steps, expected):
-    assert preview_steps(partial_images, steps) == expected
-    assert preview_steps(0, 28) == () and preview_steps(2, 1) == ()
-
-
-def test_split_chunks_keep_image_numbering():
-    chunks = split_job(job(seeds=tuple(range(5))), 2)
-    assert [c.first_image_index for c in chunks] == [0, 2, 4]
 
 
 def test_previews_arrive_per_job_with_indices_and_sizes(engine):
@@ -117,19 +100,34 @@ def test_a_live_batch_mate_keeps_the_call_and_gets_its_image(tiny_cache_dir):
     assert_batch_equivalent(as_array(results[1][0]), as_array(alone))
 
 
-def test_a_group_of_cancelled_requests_never_runs(tiny_cache_dir):
+def test_a_call_whose_jobs_are_all_cancelled_never_runs(tiny_cache_dir):
     model = ImageModel({"id": "t", "source": "tiny", "cache_dir": tiny_cache_dir, "warmup": False})
     calls = []
     original = model.engine.generate
     model.engine.generate = lambda jobs, cb=None: calls.append(jobs) or original(jobs, cb)
     cancel = threading.Event()
     cancel.set()
-    jobs = [job(cancel=cancel), job(width=128, seeds=(2,))]
-
-    async def run():
-        return await asyncio.gather(*model.run_jobs(jobs))
-
-    results = asyncio.run(run())
-    assert isinstance(results[0], asyncio.CancelledError)
-    assert [im.size for im in results[1][0]] == [(128, 64)]
+    outcomes = asyncio.run(model._run_call([job(cancel=cancel), job(cancel=cancel, seeds=(2,))]))
+    assert calls == [] and all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    [(images, in_call)] = asyncio.run(model._run_call([job(width=128, seeds=(2,))]))
+    assert [im.size for im in images] == [(128, 64)] and in_call == 1
     assert [[j.width for j in group] for group in calls] == [[128]]
+
+
+def test_model_stream_events_are_typed_and_in_order(tiny_cache_dir):
+    model = ImageModel({"id": "t", "source": "tiny", "cache_dir": tiny_cache_dir, "warmup": False})
+
+    async def collect():
+        return [e async for e in model.generate_stream(job(seeds=(1, 2), preview_steps=(1, 3)))]
+
+    events = asyncio.run(collect())
+    assert isinstance(events[0], Accepted) and events[0].text_tokens > 0
+    partials = events[1:-1]
+    assert all(isinstance(e, PartialImage) for e in partials)
+    assert sorted((e.image_index, e.partial_image_index) for e in partials) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    assert isinstance(events[-1], Completed) and len(events[-1].result.images) == 2

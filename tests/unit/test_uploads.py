@@ -9,10 +9,10 @@ from PIL import Image
 
 from serve_app.codec import UploadError, decode_data_url, decode_upload
 from serve_app.config import KONTEXT_RESOLUTIONS, ModelConfig
+from serve_app.geometry import nearest_resolution
 from serve_app.imageops import (
     composite,
     editable_mask,
-    nearest_resolution,
     prepare_conditioning,
     stitch_horizontally,
 )

@@ -1,19 +1,18 @@
-"""Request parsing, size/quality resolution, usage and error shapes (no Ray, no torch)."""
-
-import pickle
+"""Size/quality/seed resolution, the job a request becomes, usage (no Ray, no torch)."""
 
 import pytest
 
 from serve_app.config import ModelConfig
-from serve_app.protocol import (
-    APIError,
-    ImageGenerationRequest,
-    build_images_response,
-    parse_model,
+from serve_app.http.responses import images_response
+from serve_app.protocol import ImageGenerationRequest
+from serve_app.resolution import (
+    build_usage,
     parse_size,
+    preview_steps,
     resolve_generation,
     resolve_quality,
 )
+from tests.conftest import api_error
 
 FLUX = ModelConfig()
 TINY = ModelConfig(id="tiny", source="tiny")
@@ -22,12 +21,6 @@ MODELS = {TINY.id: TINY, FLUX.id: FLUX}
 
 def resolve(**fields):
     return resolve_generation(ImageGenerationRequest(**{"prompt": "a cat", **fields}), MODELS, 10)
-
-
-def api_error(fn, *args, **kwargs) -> APIError:
-    with pytest.raises(APIError) as info:
-        fn(*args, **kwargs)
-    return info.value
 
 
 @pytest.mark.parametrize(
@@ -136,39 +129,9 @@ def test_output_compression_allowed_for_jpeg_and_webp():
     assert resolve(output_format="webp").output_compression == 100
 
 
-@pytest.mark.parametrize(
-    "body, param, fragment",
-    [
-        ({}, "prompt", "Missing required parameter"),
-        ({"prompt": 3}, "prompt", "valid string"),
-        ({"prompt": "x", "n": "two"}, "n", "valid integer"),
-        ({"prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
-        ({"prompt": "x", "n": 1.5}, "n", "integer"),
-        ({"prompt": "x", "guidance": -1}, "guidance", "greater than or equal to 0"),
-        ({"prompt": "x", "seed": -1}, "seed", "greater than or equal to 0"),
-        ({"prompt": "x", "num_inference_steps": 1000}, "num_inference_steps", "less than"),
-        ({"prompt": "x", "output_compression": 101}, "output_compression", "less than"),
-    ],
-)
-def test_wrong_types_name_the_param(body, param, fragment):
-    error = api_error(parse_model, ImageGenerationRequest, body)
-    assert error.status == 400 and error.param == param and fragment in error.message
-
-
-def test_body_must_be_an_object():
-    assert api_error(parse_model, ImageGenerationRequest, [1, 2]).param is None
-
-
-def test_unknown_fields_are_ignored_and_strings_coerced():
-    parsed = parse_model(
-        ImageGenerationRequest, {"prompt": "x", "n": "2", "style": "vivid", "moderation": "low"}
-    )
-    assert parsed.n == 2 and not hasattr(parsed, "style")
-
-
 def test_usage_counts_text_and_image_tokens():
     resolved = resolve(size="512x256", n=3, seed=1)
-    response = build_images_response(resolved, ["a", "b", "c"], text_tokens=11)
+    response = images_response(resolved, build_usage(resolved, 11, 0), ["a", "b", "c"])
     assert response.size == "512x256"
     assert [item.seed for item in response.data] == [1, 2, 3]
     assert all(item.url is None and item.revised_prompt is None for item in response.data)
@@ -180,16 +143,25 @@ def test_usage_counts_text_and_image_tokens():
     assert usage.total_tokens == 11 + usage.output_tokens
 
 
-def test_api_error_envelope_and_pickling():
-    error = APIError("nope", status=404, param="model", code="model_not_found")
-    assert error.to_body() == {
-        "error": {
-            "message": "nope",
-            "type": "invalid_request_error",
-            "param": "model",
-            "code": "model_not_found",
-        }
-    }
-    copy = pickle.loads(pickle.dumps(error))
-    assert (copy.message, copy.status, copy.param, copy.code) == ("nope", 404, "model", error.code)
-    assert APIError("x", status=500).type == "server_error"
+def test_to_job_carries_every_resolved_field():
+    resolved = resolve(size="128x64", n=2, seed=5, quality="high", output_format="webp")
+    job = resolved.to_job("id1")
+    assert (job.request_id, job.prompt, job.width, job.height) == ("id1", "a cat", 128, 64)
+    assert (job.seeds, job.steps, job.guidance) == ((5, 6), 8, TINY.default_guidance)
+    assert (job.output_format, job.conditioning, job.mask, job.preview_steps) == (
+        "webp",
+        (),
+        None,
+        (),
+    )
+    streamed = resolve(size="128x64", stream=True, partial_images=2, num_inference_steps=6)
+    assert streamed.to_job("id2").preview_steps == preview_steps(2, 6) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "partial_images, steps, expected",
+    [(1, 28, (13,)), (2, 28, (8, 18)), (3, 28, (6, 13, 20)), (3, 4, (0, 1, 2)), (3, 2, (0,))],
+)
+def test_preview_steps_are_evenly_spaced_and_never_final(partial_images, steps, expected):
+    assert preview_steps(partial_images, steps) == expected
+    assert preview_steps(0, 28) == () and preview_steps(2, 1) == ()

@@ -1,0 +1,171 @@
+"""What crosses between deployments: the job a request becomes, the events and result a model
+replica sends back, and the errors either side raises.
+
+The ingress builds an `ImageJob` (see `ResolvedGeneration.to_job`), the model deployment runs it
+and answers with a `GenerationResult`, or, when streaming, with `Accepted`, `PartialImage`s and
+`Completed`. Everything here pickles across Ray process boundaries intact. No HTTP, no wire
+models, no torch: a new job field goes on `ImageJob`, a new event next to the others here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _default_error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+class APIError(Exception):
+    """A failure the client should see: message, the parameter at fault, a machine-readable code,
+    the HTTP status to answer with and headers (`Retry-After`, `WWW-Authenticate`).
+
+    Raised anywhere (ingress, a model replica, storage); the ingress turns it into OpenAI's error
+    envelope. It survives pickling across Ray process boundaries with every field.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        # A 400 about one parameter is an invalid value unless a more specific code is given.
+        self.code = code or ("invalid_value" if param and status == 400 else None)
+        self.type = type or _default_error_type(status)
+        self.headers = dict(headers or {})
+
+    def __reduce__(self):
+        fields = {
+            "status": self.status,
+            "param": self.param,
+            "code": self.code,
+            "type": self.type,
+            "headers": self.headers,
+        }
+        return (_rebuild_api_error, (self.message, fields))
+
+
+def _rebuild_api_error(message: str, fields: dict[str, Any]) -> APIError:
+    return APIError(message, **fields)
+
+
+class GenerationCancelled(RuntimeError):
+    """Every request of a pipeline call went away; the call stopped at a step boundary."""
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One request's work for the model: a prompt, a geometry and one seed per image.
+
+    ``conditioning`` holds the input image canvas that Kontext conditions on (edits, variations),
+    already at its final size; masked edits add ``init_image`` (the image to inpaint, at the output
+    size) and ``mask`` (L mode, 255 = editable). ``preview_steps`` are the denoising steps after
+    which a streaming request wants previews. ``first_image_index`` is the position of this job's
+    first image in its request (a request split into chunks keeps its image numbering).
+
+    The last three fields are set inside the model replica and never cross a process boundary:
+    ``events`` receives the job's `PreviewImages` from the engine's step callback, ``cancel`` is
+    set when the request goes away (so the engine can stop a call that only cancelled requests
+    still wait for), ``received_at`` is when the replica got the job (monotonic).
+    """
+
+    request_id: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    output_format: str = "png"
+    output_compression: int = 100
+    conditioning: tuple[Any, ...] = ()
+    init_image: Any = None
+    mask: Any = None
+    preview_steps: tuple[int, ...] = ()
+    first_image_index: int = 0
+    events: Callable[[PreviewImages], None] | None = field(default=None, compare=False, repr=False)
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)
+    received_at: float = field(default=0.0, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None
+
+
+@dataclass(frozen=True)
+class PreviewImages:
+    """Inside a replica, engine -> model: previews of a job's images after step `step` (0-based)."""
+
+    partial_index: int
+    step: int
+    first_image_index: int
+    images: list[Any]
+
+
+# --- what a model replica answers --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Encoded images in seed order, plus what the response's `usage` needs."""
+
+    images: list[bytes]
+    text_tokens: int
+    batch_sizes: list[int]  # images in each pipeline call this request's chunks ran in
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Stream event 1: the request passed the replica's checks; its text token count."""
+
+    text_tokens: int
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """Stream event: one encoded preview of image `image_index` (0-based within the request)."""
+
+    image_index: int
+    partial_image_index: int
+    image: bytes
+
+
+@dataclass(frozen=True)
+class Completed:
+    """Last stream event: the whole result, as `generate` would have returned it."""
+
+    result: GenerationResult
+
+
+StreamEvent = Accepted | PartialImage | Completed

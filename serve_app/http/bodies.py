@@ -1,0 +1,259 @@
+"""Body readers: JSON, multipart and `data:` URLs, with explicit limits, into wire models and
+decoded images. Every problem is an `APIError` naming the field; nothing the client sent is
+dropped silently (unknown file fields and repeated fields are refused)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from serve_app.codec import UploadError, decode_data_url, decode_upload
+from serve_app.config import UploadLimits
+from serve_app.contract import APIError
+from serve_app.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageURL,
+    ImageVariationRequest,
+    RequestModel,
+)
+
+Model = TypeVar("Model", bound=RequestModel)
+Upload = tuple[str, bytes]  # (the field it came in, its bytes)
+
+
+@dataclass
+class ImageUploads:
+    """The input images of an edit or variation, still encoded, each with the field it came in."""
+
+    images: list[Upload] = field(default_factory=list)
+    mask: Upload | None = None
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def check_body_size(request: Request, limit: int) -> None:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise APIError(
+            f"The request body is {length} bytes; the limit is {limit} bytes.",
+            status=413,
+            code="request_too_large",
+        )
+
+
+def parse_model(model_cls: type[Model], data: Any) -> Model:
+    """Validate a decoded body; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_api_error(exc) from None
+
+
+def validation_error_to_api_error(exc: ValidationError) -> APIError:
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        value = first.get("input")
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        message = f"Invalid value for '{param}': {first['msg']} (got {shown[:100]})."
+    return APIError(message, param=param)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) more than `limit` bytes even without a Content-Length."""
+    check_body_size(request, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                f"The request body exceeds the limit of {limit} bytes.",
+                status=413,
+                code="request_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    body = await read_body(request, limit)
+    if not body:
+        raise APIError("The request body is empty; send a JSON object.")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"The request body is not valid JSON: {exc}.") from None
+
+
+async def read_multipart(
+    request: Request, limits: UploadLimits, file_fields: tuple[str, ...]
+) -> tuple[dict[str, str], list[Upload]]:
+    """Scalar fields and (field name, bytes) uploads, in order, with explicit limits.
+
+    File fields other than `file_fields` are refused: nothing the client sent is dropped silently.
+    """
+    if "content-length" not in request.headers:
+        raise APIError(
+            "multipart uploads need a Content-Length header.", status=411, code="length_required"
+        )
+    try:
+        form = await request.form(
+            max_files=limits.max_input_images + 1, max_fields=64, max_part_size=1024 * 1024
+        )
+    except (MultiPartException, HTTPException) as exc:
+        message = getattr(exc, "message", None) or getattr(exc, "detail", str(exc))
+        if "Too many files" in message:
+            raise APIError(
+                f"Too many files: at most {limits.max_input_images} images (and one mask).",
+                param=file_fields[0],
+            ) from None
+        raise APIError(f"Invalid multipart/form-data body: {message}") from None
+    fields: dict[str, str] = {}
+    files: list[Upload] = []
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((key, await _read_file(key, value, file_fields, limits)))
+            elif key in fields:
+                raise APIError(f"Parameter {key!r} was sent more than once.", param=key)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    return fields, files
+
+
+async def _read_file(
+    key: str, upload: UploadFile, file_fields: tuple[str, ...], limits: UploadLimits
+) -> bytes:
+    if key not in file_fields:
+        raise APIError(
+            f"Unexpected file field {key!r}; this endpoint takes "
+            f"{', '.join(repr(f) for f in file_fields)}.",
+            param=key,
+        )
+    if upload.size is not None and upload.size > limits.max_image_bytes:
+        raise APIError(
+            f"The file in {key!r} is {upload.size} bytes; the limit is "
+            f"{limits.max_image_bytes} bytes.",
+            status=413,
+            param=key,
+            code="file_too_large",
+        )
+    return await upload.read()
+
+
+def _unsupported_media(message: str) -> APIError:
+    return APIError(message, status=415, code="unsupported_media_type")
+
+
+async def read_generation(request: Request, limits: UploadLimits) -> ImageGenerationRequest:
+    """`POST /v1/images/generations`: a JSON body."""
+    check_body_size(request, limits.max_request_bytes)
+    return parse_model(ImageGenerationRequest, await read_json(request, limits.max_json_bytes))
+
+
+async def read_edit(
+    request: Request, limits: UploadLimits
+) -> tuple[ImageEditRequest, ImageUploads]:
+    """`POST /v1/images/edits`: multipart (`image` / `image[]`, `mask`) or JSON (`data:` URLs)."""
+    check_body_size(request, limits.max_request_bytes)
+    kind = content_type(request)
+    if kind == "multipart/form-data":
+        fields, files = await read_multipart(request, limits, ("image", "image[]", "mask"))
+        parsed = parse_model(ImageEditRequest, fields)
+        images = [(name, data) for name, data in files if name != "mask"]
+        masks = [(name, data) for name, data in files if name == "mask"]
+    elif kind == "application/json":
+        parsed = parse_model(ImageEditRequest, await read_json(request, limits.max_request_bytes))
+        images = [_data_url(ref, f"images[{i}]") for i, ref in enumerate(parsed.images or [])]
+        masks = [_data_url(parsed.mask, "mask")] if parsed.mask else []
+    else:
+        raise _unsupported_media(
+            "Send edits as multipart/form-data (image files) or application/json (data: URLs)."
+        )
+    if len(masks) > 1:
+        raise APIError("Send at most one mask.", param="mask")
+    return parsed, ImageUploads(images, masks[0] if masks else None)
+
+
+async def read_variation(
+    request: Request, limits: UploadLimits
+) -> tuple[ImageVariationRequest, ImageUploads]:
+    """`POST /v1/images/variations`: multipart with exactly one `image`."""
+    check_body_size(request, limits.max_request_bytes)
+    if content_type(request) != "multipart/form-data":
+        raise _unsupported_media("Send variations as multipart/form-data with one 'image' file.")
+    fields, files = await read_multipart(request, limits, ("image",))
+    parsed = parse_model(ImageVariationRequest, fields)
+    if len(files) > 1:
+        raise APIError("Variations take exactly one 'image'.", param="image")
+    return parsed, ImageUploads(files)
+
+
+def _data_url(ref: ImageURL, param: str) -> Upload:
+    if ref.image_url is None:
+        raise APIError(
+            "Only image_url with a data: URL is supported (file_id is not).",
+            param=f"{param}.image_url",
+        )
+    try:
+        return f"{param}.image_url", decode_data_url(ref.image_url)
+    except UploadError as exc:
+        raise APIError(f"Invalid {param}.image_url: {exc}.", param=f"{param}.image_url") from None
+
+
+def _decode(uploads: list[Upload], limits: UploadLimits, as_mask: bool = False) -> list:
+    """Decode uploads; a bad one is a 400 (or 413) naming its field."""
+    images = []
+    for param, data in uploads:
+        try:
+            image = decode_upload(
+                data,
+                max_bytes=limits.max_image_bytes,
+                max_pixels=limits.max_input_pixels,
+                as_mask=as_mask,
+            )
+        except UploadError as exc:
+            raise APIError(
+                f"Invalid image in {param!r}: {exc}.", status=exc.status, param=param
+            ) from None
+        images.append(image)
+    return images
+
+
+async def decode_uploads(uploads: ImageUploads, limits: UploadLimits) -> tuple[list, Any]:
+    """Decoded input images (RGB) and mask (RGBA or None), off the event loop, checked."""
+    if not uploads.images:
+        raise APIError("Missing required parameter: 'image'.", param="image")
+    if len(uploads.images) > limits.max_input_images:
+        raise APIError(
+            f"{len(uploads.images)} images sent; at most {limits.max_input_images} are accepted.",
+            param=uploads.images[0][0],
+        )
+    images = await asyncio.to_thread(_decode, uploads.images, limits)
+    if uploads.mask is None:
+        return images, None
+    [mask] = await asyncio.to_thread(_decode, [uploads.mask], limits, True)
+    if mask.size != images[0].size:
+        raise APIError(
+            f"The mask is {mask.size[0]}x{mask.size[1]} but the image is "
+            f"{images[0].size[0]}x{images[0].size[1]}; they must match.",
+            param="mask",
+        )
+    return images, mask

@@ -1,0 +1,66 @@
+"""The routes around the images API: models, signed image files, health and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from serve_app.config import AppArgs
+from serve_app.contract import APIError
+from serve_app.openapi import openapi_document
+from serve_app.protocol import ModelCard, ModelList
+from serve_app.storage import ImageStore
+
+# Model id -> its deployment's status as Serve reports it (HEALTHY, UPDATING, ...).
+StatusProbe = Callable[[], dict[str, str]]
+
+
+class MetaRoutes:
+    def __init__(self, args: AppArgs, store: ImageStore, statuses: StatusProbe) -> None:
+        self.model_ids = [model.id for model in args.models]
+        self.store = store
+        self.statuses = statuses
+        self.created = int(time.time())
+        self._openapi = openapi_document(args)
+
+    async def list_models(self, request: Request) -> Response:
+        cards = [ModelCard(id=model_id, created=self.created) for model_id in self.model_ids]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def get_model(self, request: Request) -> Response:
+        model_id = request.path_params["model"]
+        if model_id not in self.model_ids:
+            raise APIError(
+                f"The model {model_id!r} does not exist.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        return JSONResponse(ModelCard(id=model_id, created=self.created).model_dump())
+
+    async def get_file(self, request: Request) -> Response:
+        """A `url` image behind its signed link (local storage; S3 links point at the bucket)."""
+        data, media_type = await asyncio.to_thread(
+            self.store.read,
+            request.path_params["name"],
+            request.query_params.get("expires"),
+            request.query_params.get("signature"),
+        )
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
+
+    async def health(self, request: Request) -> Response:
+        """200 once every model deployment reports healthy to the Serve controller."""
+        statuses = await asyncio.to_thread(self.statuses)
+        unhealthy = {name: status for name, status in statuses.items() if status != "HEALTHY"}
+        if unhealthy:
+            raise APIError(
+                f"Model deployments not ready: {unhealthy}.", status=503, code="not_ready"
+            )
+        return JSONResponse({"status": "ok", "models": statuses})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)

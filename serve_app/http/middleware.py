@@ -1,0 +1,108 @@
+"""Every route's frame: request id, API key, time limit, error envelope, metrics, one log line.
+
+`RequestFrame.wrap(handler, route)` turns an endpoint `async (Request) -> Response` into the route
+Starlette calls. Handlers raise; only this frame (through `errors.error_response`) answers with an
+error. Streams are logged when their headers go; their own events carry later errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from ray.serve.exceptions import BackPressureError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serve_app.auth import KeyStore
+from serve_app.http.errors import error_response, unwrap_remote_error
+from serve_app.metrics import IngressMetrics
+from serve_app.storage import FILES_ROUTE
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "x-request-id"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def current_request_id(request: Request) -> str:
+    """Ray Serve's request id (the `x-request-id` header, else generated; the proxy echoes it)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        request_id = _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - private API; fall back to our own id
+        request_id = None
+    return request_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+def needs_key(path: str) -> bool:
+    """`/v1/...` needs a key; signed image links carry their own authorisation; `/health` and
+    `/openapi.json` are open so load balancers and tools can read them."""
+    return path.startswith("/v1/") and not path.startswith(FILES_ROUTE + "/")
+
+
+class RequestFrame:
+    """Wraps endpoints; `summary` fields a handler puts on `request.state` join the log line."""
+
+    def __init__(self, keys: KeyStore | None, timeout_s: float, metrics: IngressMetrics) -> None:
+        self.keys = keys
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+
+    def wrap(self, handler: Handler, route: str) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            started = time.monotonic()
+            state = request.state
+            state.request_id = current_request_id(request)
+            state.key_name, state.summary = "-", {}
+            try:
+                if self.keys is not None and needs_key(request.url.path):
+                    state.key_name = self.keys.identify(request.headers.get("authorization"))
+                state.deadline = started + self.timeout_s
+                response = await asyncio.wait_for(handler(request), self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the one place errors become envelopes
+                exc = unwrap_remote_error(exc)
+                self._count_rejection(exc)
+                response = error_response(exc, state.request_id)
+            self._record(request, route, response.status_code, time.monotonic() - started)
+            return response
+
+        return endpoint
+
+    def _count_rejection(self, exc: BaseException) -> None:
+        status = getattr(exc, "status", None)
+        if status == 401:
+            self.metrics.rejected.inc(tags={"reason": "auth"})
+        elif isinstance(exc, BackPressureError) or status == 429:
+            self.metrics.rejected.inc(tags={"reason": "backpressure"})
+        elif status == 413:
+            self.metrics.rejected.inc(tags={"reason": "too_large"})
+
+    def _record(self, request: Request, route: str, status: int, seconds: float) -> None:
+        """Metrics and one structured log line per request (streams: when the headers go).
+
+        Metrics are tagged with the route template, never the raw path (bounded label values).
+        """
+        state = request.state
+        model = state.summary.get("model", "-")
+        tags = {"endpoint": route, "model": model, "status": str(status), "key": state.key_name}
+        try:
+            self.metrics.requests.inc(tags=tags)
+            self.metrics.latency.observe(seconds, tags={"endpoint": route, "model": model})
+        except Exception:  # noqa: BLE001 - metrics must never break a response
+            logger.exception("could not record metrics for request %s", state.request_id)
+        line = {
+            "id": state.request_id,
+            "endpoint": route,
+            "path": request.url.path,
+            "key": state.key_name,
+            **state.summary,
+            "status": status,
+            "seconds": round(seconds, 4),
+        }
+        logger.info("request_done %s", json.dumps(line))

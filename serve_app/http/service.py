@@ -1,0 +1,210 @@
+"""The images endpoints: read -> resolve -> job -> model -> shape, sync, streamed or as links.
+
+`ImagesService` talks to models through `ModelClient`s (a Ray deployment handle in the app, a fake
+in unit tests), so everything here runs without Ray. Handlers raise `APIError`s; the request
+frame (`middleware`) turns them into envelopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from serve_app.codec import to_base64
+from serve_app.config import AppArgs
+from serve_app.contract import (
+    Accepted,
+    Completed,
+    GenerationResult,
+    ImageJob,
+    PartialImage,
+    StreamEvent,
+)
+from serve_app.geometry import format_wxh, image_tokens
+from serve_app.http import bodies
+from serve_app.http.errors import as_api_error, error_body
+from serve_app.http.responses import images_response, sse, stream_event
+from serve_app.imageops import Conditioning, prepare_conditioning
+from serve_app.metrics import IngressMetrics
+from serve_app.protocol import ImageOptions, Usage
+from serve_app.resolution import ResolvedGeneration, build_usage, resolve_generation
+from serve_app.storage import ImageStore
+
+
+class ModelStream(Protocol):
+    """A model's stream of events for one job; `cancel` stops the model's work."""
+
+    def __anext__(self) -> asyncio.Future[StreamEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class ModelClient(Protocol):
+    """How the service reaches one model deployment."""
+
+    async def generate(self, job: ImageJob) -> GenerationResult: ...
+
+    def stream(self, job: ImageJob) -> ModelStream: ...
+
+
+class ImagesService:
+    """`POST /v1/images/{generations,edits,variations}` over a model client per model id."""
+
+    def __init__(
+        self,
+        args: AppArgs,
+        models: Mapping[str, ModelClient],
+        store: ImageStore,
+        metrics: IngressMetrics,
+    ) -> None:
+        self.args = args
+        self.limits = args.limits
+        self.configs = {model.id: model for model in args.models}
+        self.models = models
+        self.store = store
+        self.metrics = metrics
+
+    async def create_generation(self, request: Request) -> Response:
+        parsed = await bodies.read_generation(request, self.limits)
+        resolved = resolve_generation(parsed, self.configs, self.args.max_n, limits=self.limits)
+        return await self._dispatch(request, "generation", parsed, resolved)
+
+    async def create_edit(self, request: Request) -> Response:
+        parsed, uploads = await bodies.read_edit(request, self.limits)
+        return await self._with_images(request, "edit", parsed, uploads)
+
+    async def create_variation(self, request: Request) -> Response:
+        parsed, uploads = await bodies.read_variation(request, self.limits)
+        return await self._with_images(request, "variation", parsed, uploads)
+
+    async def _with_images(
+        self,
+        request: Request,
+        endpoint: str,
+        parsed: ImageOptions,
+        uploads: bodies.ImageUploads,
+    ) -> Response:
+        """Decode and check input images, resolve the size from them, build the conditioning."""
+        images, mask = await bodies.decode_uploads(uploads, self.limits)
+        resolved = resolve_generation(
+            parsed,
+            self.configs,
+            self.args.max_n,
+            limits=self.limits,
+            input_size=images[0].size,
+            masked=mask is not None,
+        )
+        buckets = self.configs[resolved.model_id].resolution_buckets
+        conditioning = await asyncio.to_thread(
+            prepare_conditioning, images, mask, (resolved.width, resolved.height), buckets
+        )
+        return await self._dispatch(request, endpoint, parsed, resolved, conditioning)
+
+    async def _dispatch(
+        self,
+        request: Request,
+        endpoint: str,
+        parsed: ImageOptions,
+        resolved: ResolvedGeneration,
+        conditioning: Conditioning | None = None,
+    ) -> Response:
+        """Send the job to its model deployment: streamed, or one JSON answer."""
+        request.state.summary = {
+            "model": resolved.model_id,
+            "kind": endpoint,
+            "n": resolved.n,
+            "size": resolved.size,
+            "steps": resolved.steps,
+            "inputs": format_wxh(*conditioning.canvas.size) if conditioning else None,
+            "stream": resolved.stream,
+            "user": parsed.user,
+        }
+        job = resolved.to_job(request.state.request_id, conditioning)
+        input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
+        model = self.models[resolved.model_id]
+        if resolved.stream:
+            return await self._stream(request, endpoint, resolved, model.stream(job), input_tokens)
+        result = await model.generate(job)
+        usage = build_usage(resolved, result.text_tokens, input_tokens)
+        urls = None
+        if resolved.response_format == "url":
+            base_url = self.args.storage.public_base_url or str(request.base_url)
+            urls = await asyncio.to_thread(
+                lambda: [
+                    self.store.save(image, resolved.output_format, base_url)
+                    for image in result.images
+                ]
+            )
+
+        def encode() -> bytes:
+            """base64 + JSON of ten 1024x1024 images takes ~0.1 s: off the shared event loop."""
+            b64 = None if urls else [to_base64(image) for image in result.images]
+            return images_response(resolved, usage, b64, urls).model_dump_json().encode()
+
+        content = await asyncio.to_thread(encode)
+        self._count_output(endpoint, resolved, usage)
+        headers = {"x-batch-images": ",".join(str(size) for size in result.batch_sizes)}
+        return Response(content, media_type="application/json", headers=headers)
+
+    def _count_output(self, endpoint: str, resolved: ResolvedGeneration, usage: Usage) -> None:
+        """Images and tokens, labelled the same whether the request streamed or not."""
+        model = {"model": resolved.model_id}
+        self.metrics.images.inc(resolved.n, tags={"endpoint": endpoint, **model})
+        self.metrics.tokens_in.inc(usage.input_tokens, tags=model)
+        self.metrics.tokens_out.inc(usage.output_tokens, tags=model)
+
+    async def _stream(
+        self,
+        request: Request,
+        endpoint: str,
+        resolved: ResolvedGeneration,
+        events: ModelStream,
+        image_input_tokens: int,
+    ) -> Response:
+        """Server-sent events: each image's partial images, then one completed event per image.
+
+        The model's first event comes after its own checks, so a bad request still gets a plain
+        JSON error; a failure after the stream started ends it with an `error` event.
+        """
+        request_id, deadline = request.state.request_id, request.state.deadline
+        accepted = await events.__anext__()
+        if not isinstance(accepted, Accepted):
+            raise RuntimeError(f"a model stream must start with Accepted, got {accepted!r}")
+        usage = build_usage(resolved, accepted.text_tokens, image_input_tokens)
+
+        async def next_event() -> StreamEvent | None:
+            """The model's next event, within the request's time limit (None at the end)."""
+            try:
+                return await asyncio.wait_for(events.__anext__(), deadline - time.monotonic())
+            except StopAsyncIteration:
+                return None
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                while (event := await next_event()) is not None:
+                    if isinstance(event, PartialImage):
+                        b64, partial = to_base64(event.image), event.partial_image_index
+                        preview = stream_event(
+                            resolved, endpoint, event.image_index, b64, partial_index=partial
+                        )
+                        yield sse(preview)
+                    elif isinstance(event, Completed):
+                        self._count_output(endpoint, resolved, usage)
+                        for index, image in enumerate(event.result.images):
+                            b64 = to_base64(image)
+                            yield sse(stream_event(resolved, endpoint, index, b64, usage=usage))
+            except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
+                yield sse(error_body(as_api_error(exc, request_id), request_id))
+            finally:
+                events.cancel()  # a client that left stops the model's work too
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

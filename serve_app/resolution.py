@@ -1,0 +1,289 @@
+"""A parsed request + a model's config -> exactly the work to do, with every default applied.
+
+`resolve_generation` checks every value against the model's bounds, failing fast with the
+offending `param` named; `ResolvedGeneration.to_job` is the one place a request becomes the
+`ImageJob` a model replica runs. No HTTP, no torch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from serve_app.config import ModelConfig, UploadLimits
+from serve_app.contract import APIError, ImageJob
+from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
+from serve_app.protocol import (
+    ImageOptions,
+    ImageVariationRequest,
+    InputTokensDetails,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from serve_app.imageops import Conditioning
+
+# OpenAI names "standard"/"hd" (dall-e-3) map onto our presets.
+QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
+QUALITIES = ("auto", "low", "medium", "high", *QUALITY_ALIASES)
+BACKGROUNDS = ("auto", "opaque", "transparent")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+RESPONSE_FORMATS = ("b64_json", "url")
+
+
+@dataclass(frozen=True)
+class ResolvedGeneration:
+    """What a validated request asks the model to do, with every default applied."""
+
+    model_id: str
+    prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    quality: str
+    background: str
+    output_format: str
+    output_compression: int
+    seed: int
+    response_format: str = "b64_json"
+    stream: bool = False
+    partial_images: int = 0
+
+    @property
+    def size(self) -> str:
+        return format_wxh(self.width, self.height)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    def to_job(self, request_id: str, conditioning: Conditioning | None = None) -> ImageJob:
+        """The job a model replica runs for this request (edits add their conditioning)."""
+        return ImageJob(
+            request_id=request_id,
+            prompt=self.prompt,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance=self.guidance,
+            seeds=tuple(self.seeds),
+            output_format=self.output_format,
+            output_compression=self.output_compression,
+            conditioning=(conditioning.canvas,) if conditioning else (),
+            init_image=conditioning.init_image if conditioning else None,
+            mask=conditioning.mask if conditioning else None,
+            preview_steps=preview_steps(self.partial_images, self.steps) if self.stream else (),
+        )
+
+
+def preview_steps(partial_images: int, steps: int) -> tuple[int, ...]:
+    """Evenly spaced steps (0-based, before the last) after which to send previews.
+
+    `partial_images` previews split the run into equal parts; with too few steps, fewer previews
+    are sent (never a duplicate, never the final image).
+    """
+    if partial_images <= 0 or steps <= 1:
+        return ()
+    chosen = {round((k + 1) * steps / (partial_images + 1)) - 1 for k in range(partial_images)}
+    return tuple(sorted(step for step in chosen if 0 <= step < steps - 1))
+
+
+def parse_size(size: str | None, model: ModelConfig) -> tuple[int, int]:
+    """`auto`/absent -> the model default; `WxH` -> checked against the model's bounds."""
+    if size is None or size == "auto":
+        size = model.default_size
+    try:
+        width, height = parse_wxh(size)
+    except ValueError:
+        raise APIError(
+            f"Invalid size {size!r}: use 'auto' or 'WIDTHxHEIGHT', e.g. '1024x1024'.", param="size"
+        ) from None
+    if width % PATCH or height % PATCH:
+        raise APIError(
+            f"Invalid size {size!r}: width and height must be multiples of {PATCH}.", param="size"
+        )
+    for side in (width, height):
+        if not model.min_side <= side <= model.max_side:
+            raise APIError(
+                f"Invalid size {size!r}: each side must be between {model.min_side} and "
+                f"{model.max_side} pixels for model {model.id!r}.",
+                param="size",
+            )
+    if width * height > model.max_pixels:
+        raise APIError(
+            f"Invalid size {size!r}: {width * height} pixels exceeds the limit of "
+            f"{model.max_pixels} for model {model.id!r}.",
+            param="size",
+        )
+    return width, height
+
+
+def resolve_quality(quality: str | None, model: ModelConfig) -> str:
+    """Map an OpenAI quality onto one of our presets (low/medium/high)."""
+    if quality is None or quality == "auto":
+        return model.default_quality
+    if quality not in QUALITIES:
+        raise APIError(
+            f"Invalid quality {quality!r}: expected one of {', '.join(QUALITIES)}.",
+            param="quality",
+        )
+    return QUALITY_ALIASES.get(quality, quality)
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], default: str, param: str) -> str:
+    if value is None:
+        return default
+    if value not in allowed:
+        raise APIError(
+            f"Invalid {param} {value!r}: expected one of {', '.join(allowed)}.", param=param
+        )
+    return value
+
+
+def select_model(requested: str | None, models: dict[str, ModelConfig]) -> ModelConfig:
+    """The named model, or the first configured one; unknown names are a 404."""
+    if requested is None or requested == "":
+        return next(iter(models.values()))
+    if requested not in models:
+        raise APIError(
+            f"The model {requested!r} does not exist. Available: {', '.join(models)}.",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    return models[requested]
+
+
+def auto_size(
+    model: ModelConfig, input_size: tuple[int, int] | None, masked: bool
+) -> tuple[int, int]:
+    """`size=auto`: the model default; with an input image, its aspect at a preferred resolution.
+
+    A masked edit keeps the input's own size when that is a valid size, so the unmasked region
+    comes back pixel for pixel.
+    """
+    if input_size is None:
+        return parse_size(None, model)
+    if masked:
+        try:
+            return parse_size(format_wxh(*input_size), model)
+        except APIError:
+            pass
+    return nearest_resolution(*input_size, model.resolution_buckets)
+
+
+def _check_prompt(request: ImageOptions, model: ModelConfig, limits: UploadLimits | None) -> str:
+    if isinstance(request, ImageVariationRequest):
+        return model.variation_prompt
+    prompt = request.prompt
+    if not prompt.strip():
+        raise APIError("'prompt' must not be empty.", param="prompt")
+    if limits and len(prompt) > limits.max_prompt_chars:
+        raise APIError(
+            f"The prompt is {len(prompt)} characters long; the limit is {limits.max_prompt_chars}.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return prompt
+
+
+def _check_streaming(request: ImageOptions, response_format: str) -> None:
+    if request.stream and isinstance(request, ImageVariationRequest):
+        raise APIError(
+            "Streaming is available for generations and edits, not variations.",
+            param="stream",
+            code="unsupported_value",
+        )
+    if request.partial_images is not None and not request.stream:
+        raise APIError("partial_images applies only with stream: true.", param="partial_images")
+    if request.stream and response_format == "url":
+        raise APIError(
+            "Streamed images are sent as b64_json; response_format 'url' cannot be streamed.",
+            param="response_format",
+            code="unsupported_value",
+        )
+
+
+def resolve_generation(
+    request: ImageOptions,
+    models: dict[str, ModelConfig],
+    max_n: int,
+    *,
+    limits: UploadLimits | None = None,
+    input_size: tuple[int, int] | None = None,
+    masked: bool = False,
+) -> ResolvedGeneration:
+    """Apply defaults and bounds; raise `APIError` naming the first bad parameter.
+
+    `input_size` is the (first) input image's size for edits and variations.
+    """
+    model = select_model(request.model, models)
+    prompt = _check_prompt(request, model, limits)
+    if request.n > max_n:
+        raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
+    background = _choice(request.background, BACKGROUNDS, "auto", "background")
+    if background == "transparent":
+        raise APIError(
+            f"background 'transparent' is not supported: model {model.id!r} cannot produce an "
+            "alpha channel. Use 'auto' or 'opaque'.",
+            param="background",
+            code="unsupported_value",
+        )
+    response_format = _choice(
+        request.response_format, RESPONSE_FORMATS, "b64_json", "response_format"
+    )
+    _check_streaming(request, response_format)
+    output_format = _choice(request.output_format, OUTPUT_FORMATS, "png", "output_format")
+    if request.output_compression is not None and output_format == "png":
+        raise APIError(
+            "output_compression applies only to output_format 'jpeg' or 'webp'.",
+            param="output_compression",
+        )
+    if request.size in (None, "auto"):
+        width, height = auto_size(model, input_size, masked)
+    else:
+        width, height = parse_size(request.size, model)
+    if limits and request.n * width * height > limits.max_pixels_per_request:
+        raise APIError(
+            f"n={request.n} images of {width}x{height} is {request.n * width * height} pixels; "
+            f"one request may ask for at most {limits.max_pixels_per_request}.",
+            param="n",
+        )
+    quality = resolve_quality(request.quality, model)
+    return ResolvedGeneration(
+        model_id=model.id,
+        prompt=prompt,
+        n=request.n,
+        width=width,
+        height=height,
+        steps=request.num_inference_steps or getattr(model.quality_steps, quality),
+        guidance=model.default_guidance if request.guidance is None else request.guidance,
+        quality=quality,
+        background="opaque",
+        output_format=output_format,
+        output_compression=100
+        if request.output_compression is None
+        else request.output_compression,
+        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        response_format=response_format,
+        stream=bool(request.stream),
+        partial_images=request.partial_images or 0,
+    )
+
+
+def build_usage(resolved: ResolvedGeneration, text_tokens: int, image_input_tokens: int) -> Usage:
+    """Real counts: text (+ input image) tokens in, image tokens out."""
+    input_tokens = text_tokens + image_input_tokens
+    output_tokens = resolved.n * image_tokens(resolved.width, resolved.height)
+    return Usage(
+        input_tokens=input_tokens,
+        input_tokens_details=InputTokensDetails(
+            text_tokens=text_tokens, image_tokens=image_input_tokens
+        ),
+        output_tokens=output_tokens,
+        total_tokens=input_tokens + output_tokens,
+        prompt_tokens=input_tokens,
+    )

@@ -1,0 +1,38 @@
+"""Speed switches applied to a loaded FLUX transformer (`ModelConfig.speed`); see docs/gpu.md.
+
+Each failure raises `SpeedOptionError` saying why the option cannot be used here; the engine
+turns it into a `ModelLoadError` that fails the replica's start.
+"""
+
+from __future__ import annotations
+
+from serve_app.config import SpeedConfig
+
+
+class SpeedOptionError(RuntimeError):
+    """A configured speed option that cannot work on this machine."""
+
+
+def apply_speed_options(transformer, speed: SpeedConfig) -> None:
+    """Attention backend, fp8 quantization, first-block cache, regional compile, in that order."""
+    if speed.attention_backend:
+        try:
+            transformer.set_attention_backend(speed.attention_backend)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the reason
+            raise SpeedOptionError(
+                f"attention backend {speed.attention_backend!r} is not usable here: {exc}"
+            ) from exc
+    if speed.quantization == "fp8":
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+        except ImportError as exc:
+            raise SpeedOptionError(
+                "speed.quantization 'fp8' needs torchao: pip install torchao"
+            ) from exc
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig())
+    if speed.first_block_cache_threshold is not None:
+        from diffusers import FirstBlockCacheConfig
+
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=speed.first_block_cache_threshold))
+    if speed.compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
