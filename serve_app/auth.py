@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
+import time
+from collections import deque
 from pathlib import Path
 
 import yaml
@@ -73,3 +76,49 @@ def _unauthorized(message: str) -> APIError:
     return APIError(
         message, status=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
     )
+
+
+class FailedAuthThrottle:
+    """Per-client throttling of wrong or missing API keys.
+
+    A client (address) with `max_failures` failed attempts within `window_s` gets 429 with
+    Retry-After for further attempts with a wrong key, until its oldest failure ages out. A
+    right key is always accepted, so the throttle never locks out a legitimate client. Memory
+    is bounded: at most `max_clients` addresses are tracked (the stalest are forgotten).
+    """
+
+    def __init__(
+        self, max_failures: int = 20, window_s: float = 60, max_clients: int = 10_000
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        failures = self._failures.get(client, deque())
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        return failures
+
+    def check(self, keys: KeyStore, authorization: str | None, client: str) -> str:
+        """The key's name, or 401 (wrong key) / 429 (too many wrong keys from this client)."""
+        now = time.monotonic()
+        try:
+            return keys.identify(authorization)
+        except APIError:
+            failures = self._recent(client, now)
+            failures.append(now)
+            self._failures.pop(client, None)
+            self._failures[client] = failures  # most recent last
+            while len(self._failures) > self.max_clients:
+                self._failures.pop(next(iter(self._failures)))
+            if len(failures) > self.max_failures:
+                retry_after = max(1, math.ceil(failures[0] + self.window_s - now))
+                raise APIError(
+                    "Too many requests with a wrong API key from this client; retry later.",
+                    status=429,
+                    code="too_many_auth_failures",
+                    headers={"Retry-After": str(retry_after)},
+                ) from None
+            raise

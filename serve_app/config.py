@@ -247,9 +247,29 @@ class UploadLimits(StrictModel):
         25 * 1024 * 1024, ge=1, description="Largest uploaded file, bytes (413 over it)."
     )
     max_input_pixels: int = Field(
-        50_000_000,
+        24_000_000,
         ge=1,
-        description="Largest width x height of an input image (400 over it: decompression bombs).",
+        description="Most pixels one input image may decode to, checked from its header before "
+        "decoding (400 over it). JPEGs decode reduced (by up to 8 per side) to about the model's "
+        "largest side, so only PNG and WebP pay their full size.",
+    )
+    max_input_pixels_per_request: int = Field(
+        48_000_000,
+        ge=1,
+        description="Most pixels all input images and the mask of one request may decode to "
+        "(400 over it). The model conditions on one canvas of about 1 MP (FLUX Kontext's "
+        "buckets), and inputs are shrunk to the model's `max_side` as soon as they are decoded.",
+    )
+    max_decoding_pixels: int = Field(
+        96_000_000,
+        ge=1,
+        description="Most pixels the ingress process decodes at once, over all requests; a "
+        "request beyond it waits up to `decode_wait_s`, then gets a 503 with Retry-After. "
+        "It bounds the ingress's image memory: measured about 5 bytes per pixel at the peak "
+        "(96 MP: about 0.5 GB; docs/operations.md).",
+    )
+    decode_wait_s: float = Field(
+        10, ge=0, description="How long a request waits for the decoding budget (503 after)."
     )
     max_input_images: int = Field(
         4, ge=1, le=16, description="Most images in one edit (references are stitched)."
@@ -274,6 +294,17 @@ class UploadLimits(StrictModel):
         description="Longest a request may take end to end; past it the work is cancelled and "
         "the client gets a 504 (keep Ray's http_options.request_timeout_s above it).",
     )
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> UploadLimits:
+        if self.max_decoding_pixels < self.max_input_pixels_per_request:
+            raise ValueError(
+                "limits.max_decoding_pixels must be at least max_input_pixels_per_request, or "
+                "the largest allowed request could never be decoded"
+            )
+        if self.max_input_pixels_per_request < self.max_input_pixels:
+            raise ValueError("limits.max_input_pixels_per_request must be >= max_input_pixels")
+        return self
 
 
 class AuthConfig(StrictModel):

@@ -14,27 +14,30 @@ from PIL import Image
 from serve_app.geometry import nearest_resolution
 
 
-def stitch_horizontally(images: list[Image.Image]) -> Image.Image:
-    """Several references side by side at the first image's height: one Kontext conditioning canvas.
+def stitch_horizontally(images: list[Image.Image], height: int | None = None) -> Image.Image:
+    """Several references side by side at one height (default: the first image's): one Kontext
+    conditioning canvas.
 
     FLUX Kontext conditions on one image; placing references on one canvas is the established way
     to give it several (the model sees them all and can move content between them).
     """
-    if len(images) == 1:
+    height = height or images[0].height
+    if len(images) == 1 and images[0].height == height:
         return images[0]
-    height = images[0].height
-    scaled = [
-        im
-        if im.height == height
-        else im.resize((max(1, round(im.width * height / im.height)), height), Image.LANCZOS)
+    widths = _widths_at(images, height)
+    canvas = Image.new("RGB", (sum(widths), height), (255, 255, 255))
+    x = 0
+    for image, width in zip(images, widths, strict=True):
+        canvas.paste(fit(image, (width, height)), (x, 0))
+        x += width
+    return canvas
+
+
+def _widths_at(images: list[Image.Image], height: int) -> list[int]:
+    return [
+        im.width if im.height == height else max(1, round(im.width * height / im.height))
         for im in images
     ]
-    canvas = Image.new("RGB", (sum(im.width for im in scaled), height), (255, 255, 255))
-    x = 0
-    for im in scaled:
-        canvas.paste(im, (x, 0))
-        x += im.width
-    return canvas
 
 
 def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -77,8 +80,12 @@ def prepare_conditioning(
     buckets: list[tuple[int, int]],
 ) -> Conditioning:
     """Stitch the references, resize the canvas to its nearest bucket; prepare a masked edit."""
-    canvas = stitch_horizontally(images)
-    canvas = fit(canvas, nearest_resolution(*canvas.size, buckets))
+    # The canvas's bucket follows from the images' aspect ratios alone; stitching straight at
+    # the bucket's height (when smaller) keeps large inputs from building a huge canvas.
+    first_height = images[0].height
+    bucket = nearest_resolution(sum(_widths_at(images, first_height)), first_height, buckets)
+    canvas = stitch_horizontally(images, min(first_height, bucket[1]))
+    canvas = fit(canvas, bucket)
     if mask_rgba is None:
         return Conditioning(canvas)
     mask = editable_mask(mask_rgba)

@@ -18,11 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from serve_app import memory
 from serve_app.auth import KeyStore
 from serve_app.config import AppArgs
 from serve_app.contract import GenerationResult, ImageJob
 from serve_app.http.errors import error_response
-from serve_app.http.meta import MetaRoutes
+from serve_app.http.meta import MetaRoutes, ModelStatus
 from serve_app.http.middleware import RequestFrame, current_request_id
 from serve_app.http.service import ImagesService, ModelClient, ModelStream
 from serve_app.metrics import IngressMetrics
@@ -55,6 +56,7 @@ class ImagesIngress:
         client_factory: Callable[[Any], ModelClient] = RayModelClient,
     ) -> None:
         self.args = AppArgs.model_validate(args)
+        memory.prefer_mmap()  # decoded images' memory goes back to the OS when freed
         self.store = make_store(self.args.storage)
         keys = KeyStore.from_config(self.args.auth)
         metrics = IngressMetrics()
@@ -102,11 +104,14 @@ class ImagesIngress:
 
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
-    def _model_statuses(self) -> dict[str, str]:
+    def _model_statuses(self) -> dict[str, ModelStatus]:
         app_name = serve.get_replica_context().app_name
         deployments = serve.status().applications[app_name].deployments
         statuses = {}
         for model in self.args.models:
             info = deployments.get(model.deployment_name)
-            statuses[model.id] = str(info.status.value if info else "MISSING")
+            statuses[model.id] = ModelStatus(
+                status=str(info.status.value) if info else "MISSING",
+                running_replicas=info.replica_states.get("RUNNING", 0) if info else 0,
+            )
         return statuses

@@ -7,9 +7,10 @@ Ray (defaults and bounds that depend on a model live in `serve_app.resolution`).
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -25,10 +26,50 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+_ASCII_INTEGER = re.compile(r"-?[0-9]+")
+_ASCII_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _is_form(info: ValidationInfo) -> bool:
+    """Multipart forms send every field as text; JSON bodies (the default) have real types."""
+    return bool(info.context and info.context.get("form"))
+
+
+def _strict_number(value: Any, info: ValidationInfo, *, whole: bool) -> Any:
+    """JSON: a JSON number (an integer when `whole`), never a boolean or a string. Forms: ASCII
+    digits (`str.isdigit` and `int()` take any script's digits; the API does not)."""
+    if value is None:
+        return value
+    kind = "an integer" if whole else "a number"
+    if _is_form(info):
+        pattern = _ASCII_INTEGER if whole else _ASCII_NUMBER
+        if not (isinstance(value, str) and pattern.fullmatch(value.strip())):
+            raise ValueError(f"must be {kind} in ASCII digits")
+        return int(value) if whole else float(value)
+    allowed = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(f"must be {kind} (a JSON number{' without a fraction' if whole else ''})")
+    return value
+
+
 class RequestModel(BaseModel):
-    """Requests ignore unknown fields (SDKs add new ones); known fields are type-checked."""
+    """Requests ignore unknown fields (SDKs add new ones; documented in docs/api.md); known
+    fields are type-checked strictly: JSON numbers and booleans must be JSON numbers and
+    booleans, form fields ASCII numbers and `true`/`false`."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "must be valid Unicode text (it has an unpaired surrogate)"
+                ) from None
+        return value
 
 
 class ImageOptions(RequestModel):
@@ -58,6 +99,27 @@ class ImageOptions(RequestModel):
     num_inference_steps: int | None = Field(
         None, ge=1, le=100, description="Extension: denoising steps, overriding `quality`."
     )
+
+    @field_validator(
+        "n", "output_compression", "partial_images", "seed", "num_inference_steps", mode="before"
+    )
+    @classmethod
+    def _whole_number(cls, value: Any, info: ValidationInfo) -> Any:
+        return _strict_number(value, info, whole=True)
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _number(cls, value: Any, info: ValidationInfo) -> Any:
+        return _strict_number(value, info, whole=False)
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if _is_form(info) and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError("must be a boolean (true or false)")
 
 
 class ImageGenerationRequest(ImageOptions):

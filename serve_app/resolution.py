@@ -15,6 +15,7 @@ from serve_app.config import ModelConfig, UploadLimits
 from serve_app.contract import APIError, ImageJob
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
 from serve_app.protocol import (
+    MAX_SEED,
     ImageOptions,
     ImageVariationRequest,
     InputTokensDetails,
@@ -224,6 +225,13 @@ def resolve_generation(
     prompt = _check_prompt(request, model, limits)
     if request.n > max_n:
         raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
+    if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:
+        raise APIError(
+            f"Invalid seed {request.seed}: image i uses seed + i, so with n={request.n} the seed "
+            f"must be at most {MAX_SEED - request.n + 1} (every returned seed must be one this "
+            "API accepts).",
+            param="seed",
+        )
     background = _choice(request.background, BACKGROUNDS, "auto", "background")
     if background == "transparent":
         raise APIError(

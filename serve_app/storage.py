@@ -26,6 +26,8 @@ logger = logging.getLogger("ray.serve")
 
 FILES_ROUTE = "/v1/images/files"
 _NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")
+_EXPIRES = re.compile(r"[0-9]{1,12}")  # a Unix time; ASCII only (str.isdigit takes any script)
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")  # HMAC-SHA256, hex
 
 
 class ImageStore(Protocol):
@@ -72,8 +74,10 @@ class LocalImageStore:
         """The image behind a link: 403 when the signature is wrong, 404 when expired or gone."""
         if not _NAME.fullmatch(name):
             raise _no_such_image()
-        if not expires or not signature or not expires.isdigit():
+        if not expires or not signature:
             raise APIError("The link is not signed.", status=403, code="invalid_signature")
+        if not _EXPIRES.fullmatch(expires) or not _SIGNATURE.fullmatch(signature):
+            raise APIError("The link's signature is invalid.", status=403, code="invalid_signature")
         if not hmac.compare_digest(self.sign(name, int(expires)), signature):
             raise APIError("The link's signature is invalid.", status=403, code="invalid_signature")
         if int(expires) < time.time():

@@ -56,11 +56,8 @@ def serve_processes() -> dict[int, str]:
     import ray
     from ray._private import state
 
-    if not ray.is_initialized():
-        try:
-            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-        except Exception:  # noqa: BLE001 - no local cluster: nothing to measure
-            return {}
+    if not ray.is_initialized() and not _connect_to_local_cluster():
+        return {}
     actors = state.actors(actor_state_name="ALIVE").values()
     return {
         actor["Pid"]: actor["ActorClassName"]
@@ -69,6 +66,24 @@ def serve_processes() -> dict[int, str]:
         and actor["Pid"]
         and psutil.pid_exists(actor["Pid"])
     }
+
+
+def _connect_to_local_cluster() -> bool:
+    """Join the cluster `serve run` started on this machine; Ray 2.60 local clusters use token
+    authentication (the token is in ~/.ray/auth_token), so retry with it."""
+    import os
+
+    import ray
+
+    for auth_mode in (None, "token"):
+        if auth_mode:
+            os.environ.setdefault("RAY_AUTH_MODE", auth_mode)
+        try:
+            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+            return True
+        except Exception:  # noqa: BLE001 - no reachable cluster: nothing to measure
+            continue
+    return False
 
 
 def server_rss_bytes() -> dict[str, int]:

@@ -4,7 +4,6 @@ dropped silently (unknown file fields and repeated fields are refused)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from serve_app.codec import UploadError, decode_data_url, decode_upload
+from serve_app.codec import decode_data_url
 from serve_app.config import UploadLimits
 from serve_app.contract import APIError
 from serve_app.protocol import (
@@ -25,6 +24,7 @@ from serve_app.protocol import (
     ImageVariationRequest,
     RequestModel,
 )
+from serve_app.uploads import UploadError
 
 Model = TypeVar("Model", bound=RequestModel)
 Upload = tuple[str, bytes]  # (the field it came in, its bytes)
@@ -52,12 +52,13 @@ def check_body_size(request: Request, limit: int) -> None:
         )
 
 
-def parse_model(model_cls: type[Model], data: Any) -> Model:
-    """Validate a decoded body; the first problem becomes a 400 naming its field."""
+def parse_model(model_cls: type[Model], data: Any, *, form: bool = False) -> Model:
+    """Validate a decoded body (`form`: multipart text fields); the first problem becomes a 400
+    naming its field."""
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.")
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate(data, context={"form": form})
     except ValidationError as exc:
         raise validation_error_to_api_error(exc) from None
 
@@ -96,7 +97,9 @@ async def read_json(request: Request, limit: int) -> object:
         raise APIError("The request body is empty; send a JSON object.")
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise APIError("The request body is not valid JSON: it is nested too deeply.") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integer digit limits
         raise APIError(f"The request body is not valid JSON: {exc}.") from None
 
 
@@ -158,6 +161,14 @@ async def _read_file(
     return await upload.read()
 
 
+def _refuse_fields(data: Any, names: tuple[str, ...], why: str) -> None:
+    """Fields another endpoint takes are refused here, not silently ignored."""
+    if isinstance(data, dict):
+        for name in names:
+            if name in data:
+                raise APIError(f"Unexpected parameter {name!r}: {why}.", param=name)
+
+
 def _unsupported_media(message: str) -> APIError:
     return APIError(message, status=415, code="unsupported_media_type")
 
@@ -165,7 +176,13 @@ def _unsupported_media(message: str) -> APIError:
 async def read_generation(request: Request, limits: UploadLimits) -> ImageGenerationRequest:
     """`POST /v1/images/generations`: a JSON body."""
     check_body_size(request, limits.max_request_bytes)
-    return parse_model(ImageGenerationRequest, await read_json(request, limits.max_json_bytes))
+    data = await read_json(request, limits.max_json_bytes)
+    _refuse_fields(
+        data,
+        ("image", "images", "mask"),
+        "generations take no input images; send them to /v1/images/edits",
+    )
+    return parse_model(ImageGenerationRequest, data)
 
 
 async def read_edit(
@@ -176,7 +193,7 @@ async def read_edit(
     kind = content_type(request)
     if kind == "multipart/form-data":
         fields, files = await read_multipart(request, limits, ("image", "image[]", "mask"))
-        parsed = parse_model(ImageEditRequest, fields)
+        parsed = parse_model(ImageEditRequest, fields, form=True)
         images = [(name, data) for name, data in files if name != "mask"]
         masks = [(name, data) for name, data in files if name == "mask"]
     elif kind == "application/json":
@@ -200,7 +217,13 @@ async def read_variation(
     if content_type(request) != "multipart/form-data":
         raise _unsupported_media("Send variations as multipart/form-data with one 'image' file.")
     fields, files = await read_multipart(request, limits, ("image",))
-    parsed = parse_model(ImageVariationRequest, fields)
+    _refuse_fields(
+        fields,
+        ("prompt",),
+        "variations take no prompt (the instruction is the "
+        "model's configured variation prompt); use /v1/images/edits to give one",
+    )
+    parsed = parse_model(ImageVariationRequest, fields, form=True)
     if len(files) > 1:
         raise APIError("Variations take exactly one 'image'.", param="image")
     return parsed, ImageUploads(files)
@@ -216,44 +239,3 @@ def _data_url(ref: ImageURL, param: str) -> Upload:
         return f"{param}.image_url", decode_data_url(ref.image_url)
     except UploadError as exc:
         raise APIError(f"Invalid {param}.image_url: {exc}.", param=f"{param}.image_url") from None
-
-
-def _decode(uploads: list[Upload], limits: UploadLimits, as_mask: bool = False) -> list:
-    """Decode uploads; a bad one is a 400 (or 413) naming its field."""
-    images = []
-    for param, data in uploads:
-        try:
-            image = decode_upload(
-                data,
-                max_bytes=limits.max_image_bytes,
-                max_pixels=limits.max_input_pixels,
-                as_mask=as_mask,
-            )
-        except UploadError as exc:
-            raise APIError(
-                f"Invalid image in {param!r}: {exc}.", status=exc.status, param=param
-            ) from None
-        images.append(image)
-    return images
-
-
-async def decode_uploads(uploads: ImageUploads, limits: UploadLimits) -> tuple[list, Any]:
-    """Decoded input images (RGB) and mask (RGBA or None), off the event loop, checked."""
-    if not uploads.images:
-        raise APIError("Missing required parameter: 'image'.", param="image")
-    if len(uploads.images) > limits.max_input_images:
-        raise APIError(
-            f"{len(uploads.images)} images sent; at most {limits.max_input_images} are accepted.",
-            param=uploads.images[0][0],
-        )
-    images = await asyncio.to_thread(_decode, uploads.images, limits)
-    if uploads.mask is None:
-        return images, None
-    [mask] = await asyncio.to_thread(_decode, [uploads.mask], limits, True)
-    if mask.size != images[0].size:
-        raise APIError(
-            f"The mask is {mask.size[0]}x{mask.size[1]} but the image is "
-            f"{images[0].size[0]}x{images[0].size[1]}; they must match.",
-            param="mask",
-        )
-    return images, mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,8 +16,18 @@ from serve_app.openapi import openapi_document
 from serve_app.protocol import ModelCard, ModelList
 from serve_app.storage import ImageStore
 
-# Model id -> its deployment's status as Serve reports it (HEALTHY, UPDATING, ...).
-StatusProbe = Callable[[], dict[str, str]]
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model deployment as Serve reports it: HEALTHY, UPSCALING, UPDATING, ..., and how many
+    of its replicas are running."""
+
+    status: str
+    running_replicas: int
+
+
+# Model id -> its deployment's status.
+StatusProbe = Callable[[], dict[str, ModelStatus]]
 
 
 class MetaRoutes:
@@ -53,14 +64,23 @@ class MetaRoutes:
         return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
 
     async def health(self, request: Request) -> Response:
-        """200 once every model deployment reports healthy to the Serve controller."""
+        """Readiness: 200 when every model can serve now (at least one running replica), also
+        while its deployment scales or updates; 503 `not_ready` otherwise. Liveness is Ray
+        Serve's own `/-/healthz` on the proxy."""
         statuses = await asyncio.to_thread(self.statuses)
-        unhealthy = {name: status for name, status in statuses.items() if status != "HEALTHY"}
-        if unhealthy:
+        not_ready = [model for model, s in statuses.items() if s.running_replicas < 1]
+        body = {
+            model: {"status": s.status, "running_replicas": s.running_replicas}
+            for model, s in statuses.items()
+        }
+        if not_ready:
             raise APIError(
-                f"Model deployments not ready: {unhealthy}.", status=503, code="not_ready"
+                f"No running replica for model(s) {', '.join(not_ready)}: {body}.",
+                status=503,
+                code="not_ready",
+                headers={"Retry-After": "5"},
             )
-        return JSONResponse({"status": "ok", "models": statuses})
+        return JSONResponse({"status": "ok", "models": body})
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(self._openapi)

@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 from ray.serve.exceptions import BackPressureError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from serve_app.auth import KeyStore
+from serve_app.auth import FailedAuthThrottle, KeyStore
 from serve_app.http.errors import error_response, unwrap_remote_error
 from serve_app.metrics import IngressMetrics
 from serve_app.storage import FILES_ROUTE
@@ -26,18 +27,25 @@ from serve_app.storage import FILES_ROUTE
 logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "x-request-id"
+_USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
 Handler = Callable[[Request], Awaitable[Response]]
 
 
 def current_request_id(request: Request) -> str:
-    """Ray Serve's request id (the `x-request-id` header, else generated; the proxy echoes it)."""
+    """Ray Serve's request id (the `x-request-id` header, else generated). A client's id that is
+    too long or has characters beyond `[A-Za-z0-9._:-]` is replaced, not repeated in messages
+    and logs (Ray Serve's proxy still echoes the header it received, as it always does)."""
     try:
         from ray.serve.context import _get_serve_request_context
 
         request_id = _get_serve_request_context().request_id
     except Exception:  # noqa: BLE001 - private API; fall back to our own id
         request_id = None
-    return request_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request_id = request_id or request.headers.get(REQUEST_ID_HEADER)
+    if request_id and _USABLE_ID.fullmatch(request_id):
+        return request_id
+    return uuid.uuid4().hex
 
 
 def needs_key(path: str) -> bool:
@@ -53,6 +61,7 @@ class RequestFrame:
         self.keys = keys
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.throttle = FailedAuthThrottle()
 
     def wrap(self, handler: Handler, route: str) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -62,9 +71,15 @@ class RequestFrame:
             state.key_name, state.summary = "-", {}
             try:
                 if self.keys is not None and needs_key(request.url.path):
-                    state.key_name = self.keys.identify(request.headers.get("authorization"))
+                    client = request.client.host if request.client else "-"
+                    authorization = request.headers.get("authorization")
+                    state.key_name = self.throttle.check(self.keys, authorization, client)
                 state.deadline = started + self.timeout_s
                 response = await asyncio.wait_for(handler(request), self.timeout_s)
+            except ClientDisconnect:
+                # Gone mid-upload: nobody to answer; count it as the client's doing, not ours.
+                state.summary["client_closed"] = True
+                response = Response(status_code=CLIENT_CLOSED_REQUEST)
             except Exception as exc:  # noqa: BLE001 - the one place errors become envelopes
                 exc = unwrap_remote_error(exc)
                 self._count_rejection(exc)

@@ -26,7 +26,7 @@ from serve_app.contract import (
     StreamEvent,
 )
 from serve_app.geometry import format_wxh, image_tokens
-from serve_app.http import bodies
+from serve_app.http import bodies, decoding
 from serve_app.http.errors import as_api_error, error_body
 from serve_app.http.responses import images_response, sse, stream_event
 from serve_app.imageops import Conditioning, prepare_conditioning
@@ -68,6 +68,7 @@ class ImagesService:
         self.models = models
         self.store = store
         self.metrics = metrics
+        self.decoding = decoding.PixelBudget(args.limits.max_decoding_pixels)
 
     async def create_generation(self, request: Request) -> Response:
         parsed = await bodies.read_generation(request, self.limits)
@@ -89,20 +90,29 @@ class ImagesService:
         parsed: ImageOptions,
         uploads: bodies.ImageUploads,
     ) -> Response:
-        """Decode and check input images, resolve the size from them, build the conditioning."""
-        images, mask = await bodies.decode_uploads(uploads, self.limits)
-        resolved = resolve_generation(
-            parsed,
-            self.configs,
-            self.args.max_n,
-            limits=self.limits,
-            input_size=images[0].size,
-            masked=mask is not None,
-        )
-        buckets = self.configs[resolved.model_id].resolution_buckets
-        conditioning = await asyncio.to_thread(
-            prepare_conditioning, images, mask, (resolved.width, resolved.height), buckets
-        )
+        """Probe the inputs, then, within the process's decoding budget, decode them, resolve
+        the size from them and build the conditioning at its final size."""
+        max_side = max(model.max_side for model in self.configs.values())
+        probed = await asyncio.to_thread(decoding.probe_all, uploads, self.limits, max_side)
+        pixels = sum(p.decoded_pixels for _, p in probed)
+        async with self.decoding.reserve(pixels, self.limits.decode_wait_s):
+            inputs = await asyncio.to_thread(
+                decoding.decode_all, probed, uploads.mask is not None, max_side
+            )
+            resolved = resolve_generation(
+                parsed,
+                self.configs,
+                self.args.max_n,
+                limits=self.limits,
+                input_size=inputs.size,
+                masked=inputs.masked,
+            )
+            buckets = self.configs[resolved.model_id].resolution_buckets
+            output_size = (resolved.width, resolved.height)
+            conditioning = await asyncio.to_thread(
+                prepare_conditioning, inputs.images, inputs.mask, output_size, buckets
+            )
+            del inputs
         return await self._dispatch(request, endpoint, parsed, resolved, conditioning)
 
     async def _dispatch(

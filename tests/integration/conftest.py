@@ -24,6 +24,8 @@ TEST_LIMITS = {
     "max_input_pixels": 4_000_000,
     "max_input_images": 4,
     "max_pixels_per_request": 2 * 1024 * 1024,  # bounds the fuzzer's valid requests
+    "max_input_pixels_per_request": 16_000_000,
+    "max_decoding_pixels": 32_000_000,  # two worst-case edits decode at once (memory test)
 }
 
 

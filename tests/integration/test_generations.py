@@ -182,7 +182,8 @@ def test_models_and_health(http, client):
     assert client.models.retrieve(MODEL).id == MODEL
     assert_envelope(http.get("/v1/models/nope"), 404, "model", "model_not_found")
     health = http.get("/health")
-    assert health.status_code == 200 and health.json()["models"] == {MODEL: "HEALTHY"}
+    assert health.status_code == 200
+    assert health.json()["models"] == {MODEL: {"status": "HEALTHY", "running_replicas": 1}}
 
 
 def generate_alone(http, seed, n=1, size="128x128", prompt="a lighthouse"):

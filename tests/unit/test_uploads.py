@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.codec import UploadError, decode_data_url, decode_upload
+from serve_app.codec import decode_data_url
 from serve_app.config import KONTEXT_RESOLUTIONS, ModelConfig
 from serve_app.geometry import nearest_resolution
 from serve_app.imageops import (
@@ -16,6 +16,7 @@ from serve_app.imageops import (
     prepare_conditioning,
     stitch_horizontally,
 )
+from serve_app.uploads import UploadError, decode_upload
 
 LIMITS = dict(max_bytes=1_000_000, max_pixels=1_000_000)
 
