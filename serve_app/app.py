@@ -29,7 +29,8 @@ def model_deployment_options(args: AppArgs) -> dict:
         "ray_actor_options": {"num_cpus": 1},
         # Two calls' worth of requests: one running, one queued for the next call.
         "max_ongoing_requests": 2 * args.batching.max_batch_images,
-        "user_config": args.batching.model_dump(),
+        # Only what was set: an unset max_batch_images is sized to the GPU's memory.
+        "user_config": args.batching.model_dump(exclude_unset=True),
         # A batch of large images can take minutes on a slow device.
         "health_check_timeout_s": 120,
         "logging_config": logging_config(args),

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serve_app.batching import call_is_full, next_call
+from serve_app.batching import call_is_full, images_per_call, next_call
 from serve_app.contract import ImageJob
 
 # Runs one pipeline call; returns one outcome per job, in order: a result or an exception.
@@ -29,17 +29,24 @@ RunCall = Callable[[list[ImageJob]], Awaitable[list[Any]]]
 
 
 class BatchLoop:
-    def __init__(self, run_call: RunCall, max_images: int, wait_s: float) -> None:
+    def __init__(
+        self, run_call: RunCall, max_images: int, wait_s: float, max_pixels: int | None = None
+    ) -> None:
         self._run_call = run_call
         self.max_images = max_images
         self.wait_s = wait_s
+        self.max_pixels = max_pixels  # per call, when memory caps it
         self._waiting: list[tuple[ImageJob, asyncio.Future]] = []
         self._arrived = asyncio.Event()
         self._drainer: asyncio.Task | None = None
 
-    def configure(self, max_images: int, wait_s: float) -> None:
+    def configure(self, max_images: int, wait_s: float, max_pixels: int | None = None) -> None:
         """New knobs apply from the next call on (`reconfigure` calls this)."""
-        self.max_images, self.wait_s = max_images, wait_s
+        self.max_images, self.wait_s, self.max_pixels = max_images, wait_s, max_pixels
+
+    def images_per_call(self, width: int, height: int) -> int:
+        """The chunk size for a job of this size (`batching.images_per_call`)."""
+        return images_per_call(width, height, self.max_images, self.max_pixels)
 
     @property
     def queued_jobs(self) -> int:
@@ -47,8 +54,11 @@ class BatchLoop:
 
     async def submit(self, job: ImageJob) -> Any:
         """Queue one job (at most `max_images` images) and wait for its outcome."""
-        if job.n > self.max_images:
-            raise ValueError(f"a job of {job.n} images exceeds max_images {self.max_images}")
+        if job.n > self.images_per_call(job.width, job.height):
+            raise ValueError(
+                f"a job of {job.n} images exceeds the {self.images_per_call(job.width, job.height)}"
+                " a call may hold"
+            )
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((job, future))
         if self._drainer is None or self._drainer.done():
@@ -86,7 +96,9 @@ class BatchLoop:
     async def _gather_company(self) -> None:
         """Before a call that would not be full, wait up to `wait_s` for more jobs."""
         deadline = time.monotonic() + self.wait_s
-        while self._take_live() and not call_is_full(self._jobs(), self.max_images):
+        while self._take_live() and not call_is_full(
+            self._jobs(), self.max_images, self.max_pixels
+        ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -95,6 +107,9 @@ class BatchLoop:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+    def _full(self) -> bool:
+        return call_is_full(self._jobs(), self.max_images, self.max_pixels)
 
     def _take_live(self) -> bool:
         """Forget jobs whose callers went away; whether any job still waits."""
@@ -105,7 +120,7 @@ class BatchLoop:
         return [job for job, _ in self._waiting]
 
     def _pop_next_call(self) -> list[tuple[ImageJob, asyncio.Future]]:
-        taken = next_call(self._jobs(), self.max_images)
+        taken = next_call(self._jobs(), self.max_images, self.max_pixels)
         chosen = [self._waiting[i] for i in taken]
         for index in reversed(taken):
             del self._waiting[index]

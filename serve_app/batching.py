@@ -45,24 +45,41 @@ def split_job(job: ImageJob, max_images: int) -> list[ImageJob]:
     ]
 
 
-def next_call(waiting: Sequence[ImageJob], max_images: int) -> list[int]:
+def images_per_call(width: int, height: int, max_images: int, max_pixels: int | None = None) -> int:
+    """The most images of one size a call may hold: `max_images`, fewer when the call's pixels
+    are capped (by what fits in the device's memory); never less than one."""
+    if max_pixels is None:
+        return max_images
+    return max(1, min(max_images, max_pixels // (width * height)))
+
+
+def next_call(
+    waiting: Sequence[ImageJob], max_images: int, max_pixels: int | None = None
+) -> list[int]:
     """Indices of the jobs the next pipeline call takes from `waiting` (in arrival order).
 
     The oldest job always goes; later jobs join when they share its group key and the call stays
-    within `max_images`. Taking everything compatible that waits, rather than one fixed batch,
-    keeps calls full under load: requests that arrive while a call runs are all there for the next.
+    within `max_images` (and `max_pixels`). Taking everything compatible that waits, rather than
+    one fixed batch, keeps calls full under load: requests that arrive while a call runs are all
+    there for the next.
     """
     if not waiting:
         return []
-    key, taken, images = group_key(waiting[0]), [0], waiting[0].n
+    first = waiting[0]
+    limit = images_per_call(first.width, first.height, max_images, max_pixels)
+    key, taken, images = group_key(first), [0], first.n
     for index in range(1, len(waiting)):
         job = waiting[index]
-        if images + job.n <= max_images and group_key(job) == key:
+        if images + job.n <= limit and group_key(job) == key:
             taken.append(index)
             images += job.n
     return taken
 
 
-def call_is_full(waiting: Sequence[ImageJob], max_images: int) -> bool:
-    """Whether the next call already holds `max_images` (no point waiting for more)."""
-    return count_images([waiting[i] for i in next_call(waiting, max_images)]) >= max_images
+def call_is_full(
+    waiting: Sequence[ImageJob], max_images: int, max_pixels: int | None = None
+) -> bool:
+    """Whether the next call is already as big as it may be (no point waiting for more)."""
+    taken = [waiting[i] for i in next_call(waiting, max_images, max_pixels)]
+    first = waiting[0]
+    return count_images(taken) >= images_per_call(first.width, first.height, max_images, max_pixels)

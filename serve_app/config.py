@@ -228,7 +228,12 @@ class BatchingConfig(StrictModel):
     """Dynamic batching knobs; a model deployment's `user_config`, changeable at runtime."""
 
     max_batch_images: int = Field(
-        8, ge=1, le=64, description="Most images (sum of `n`) in one batch of pipeline calls."
+        8,
+        ge=1,
+        le=64,
+        description="Most images (sum of `n`) in one pipeline call. On a GPU, when not set, the "
+        "default is capped by what fits in memory (measured at warm-up); a set value that "
+        "cannot fit is refused with the measured numbers.",
     )
     batch_wait_timeout_s: float = Field(
         0.005,

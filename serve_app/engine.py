@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -19,6 +20,7 @@ from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ImageJob, PreviewImages
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
+from serve_app.memory_fit import MemoryFit, fit_memory
 from serve_app.previews import decode_preview, fit_latent_rgb
 from serve_app.speed import SpeedOptionError, apply_speed_options
 
@@ -49,6 +51,26 @@ def resolve_dtype(config: ModelConfig, device: str) -> torch.dtype:
     if config.dtype == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return _DTYPES[config.dtype]
+
+
+class MemoryProbe(Protocol):
+    """Measures a device's memory: the peak while `run` runs, and the capacity."""
+
+    def peak_bytes(self, run: Callable[[], object]) -> int: ...
+
+    def capacity_bytes(self) -> int: ...
+
+
+class CudaMemoryProbe:
+    def peak_bytes(self, run: Callable[[], object]) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def capacity_bytes(self) -> int:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 class FluxEngine:
@@ -159,6 +181,24 @@ class FluxEngine:
             logger.info(
                 "Warmed up %s at %s in %.1fs", self.config.id, size, time.perf_counter() - started
             )
+
+    def measure_memory(self, probe: MemoryProbe) -> tuple[MemoryFit, tuple[int, int]]:
+        """Peak memory of edit calls (the larger kind: conditioning doubles the tokens) of one
+        and two images at the largest warm-up size, fitted to a line (`memory_fit`)."""
+        sizes = [parse_wxh(size) for size in self.config.warmup_sizes or [self.config.default_size]]
+        width, height = max(sizes, key=lambda size: size[0] * size[1])
+        bucket = nearest_resolution(width, height, self.config.resolution_buckets)
+        canvas = Image.new("RGB", bucket, "gray")
+        peaks = []
+        for n in (1, 2):
+            job = ImageJob(
+                "memory", "warm-up", width, height, 2, self.config.default_guidance,
+                tuple(range(n)), conditioning=(canvas,),
+            )  # fmt: skip
+            peaks.append(probe.peak_bytes(lambda job=job: self.generate([job])))
+        fit = fit_memory(peaks[0], peaks[1], width * height, probe.capacity_bytes())
+        logger.info("Memory of %s: %s", self.config.id, fit.describe(width, height))
+        return fit, (width, height)
 
     @property
     def loaded(self) -> bool:

@@ -40,6 +40,7 @@ from serve_app.contract import (
     PreviewImages,
     StreamEvent,
 )
+from serve_app.memory_fit import batch_limit
 from serve_app.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -67,7 +68,13 @@ def _torch_threads(config: ModelConfig) -> int:
 class ImageModel:
     """One replica of one model. `engine_cls` is injectable so unit tests can run without Ray."""
 
-    def __init__(self, model_config: dict | ModelConfig, engine_cls: Any = None) -> None:
+    def __init__(
+        self,
+        model_config: dict | ModelConfig,
+        engine_cls: Any = None,
+        memory_probe: Any = None,
+    ) -> None:
+        """`memory_probe` measures device memory (default: CUDA's, on a GPU; none on CPU)."""
         self.config = ModelConfig.model_validate(model_config)
         import torch
 
@@ -76,6 +83,14 @@ class ImageModel:
         self.engine.load()
         if self.config.warmup:
             self.engine.warmup()
+        if memory_probe is None and self.engine.device == "cuda":
+            from serve_app.engine import CudaMemoryProbe
+
+            memory_probe = CudaMemoryProbe()
+        # On a GPU: how big a call fits, measured once; caps max_batch_images (memory_fit.py).
+        self.memory_fit, self._fit_size = (
+            self.engine.measure_memory(memory_probe) if memory_probe else (None, (0, 0))
+        )
         # The pipeline is not thread-safe: one worker runs every call in order.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         defaults = BatchingConfig()
@@ -89,10 +104,28 @@ class ImageModel:
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        """Apply batching knobs from the deployment's `user_config` (live, no restart)."""
+        """Apply batching knobs from the deployment's `user_config` (live, no restart).
+
+        On a GPU, an unset `max_batch_images` is capped by what fits in memory, and a set one
+        that cannot fit is refused with the measured numbers (the update fails, replicas stay).
+        """
         batching = BatchingConfig.model_validate(user_config or {})
-        self.batches.configure(batching.max_batch_images, batching.batch_wait_timeout_s)
-        logger.info("ImageModel %s batching: %s", self.config.id, batching.model_dump())
+        explicit = "max_batch_images" in batching.model_fields_set
+        max_images = batch_limit(
+            self.memory_fit,
+            batching.max_batch_images if explicit else None,
+            batching.max_batch_images,
+            *self._fit_size,
+        )
+        max_pixels = self.memory_fit.max_call_pixels if self.memory_fit else None
+        self.batches.configure(max_images, batching.batch_wait_timeout_s, max_pixels)
+        logger.info(
+            "ImageModel %s batching: %s; max_batch_images in use %d, pixels per call %s",
+            self.config.id,
+            batching.model_dump(),
+            max_images,
+            max_pixels or "unlimited",
+        )
 
     def check_health(self) -> None:
         """Unhealthy when the model is gone or a pipeline call hangs (e.g. a wedged GPU)."""
@@ -171,7 +204,7 @@ class ImageModel:
 
     async def _generate(self, job: ImageJob, text_tokens: int) -> GenerationResult:
         job = replace(job, cancel=job.cancel or threading.Event(), received_at=time.monotonic())
-        chunks = split_job(job, self.batches.max_images)
+        chunks = split_job(job, self.batches.images_per_call(job.width, job.height))
         try:
             outcomes = await asyncio.gather(*(self.batches.submit(chunk) for chunk in chunks))
         except asyncio.CancelledError:

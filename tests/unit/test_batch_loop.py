@@ -124,7 +124,7 @@ def test_reconfigure_applies_to_the_next_call_and_oversized_jobs_are_refused():
         loop = BatchLoop(pipeline, max_images=8, wait_s=0.1)
         loop.configure(max_images=1, wait_s=0.1)
         await asyncio.gather(loop.submit(job("a")), loop.submit(job("b")))
-        with pytest.raises(ValueError, match="exceeds max_images 1"):
+        with pytest.raises(ValueError, match="exceeds the 1 a call may hold"):
             await loop.submit(job("big", n=2))
 
     run(scenario)
