@@ -11,8 +11,8 @@ model's largest side at once, and memory is handed back after each large decode.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from PIL import Image
@@ -81,28 +81,31 @@ class DecodedInputs:
         return self.mask is not None
 
 
+@contextmanager
+def _naming(param: str) -> Iterator[None]:
+    """An upload's problem becomes a 400 (or 413) naming the field it came in."""
+    try:
+        yield
+    except UploadError as exc:
+        raise APIError(
+            f"Invalid image in {param!r}: {exc}.", status=exc.status, param=param
+        ) from None
+
+
 def _probe(upload: Upload, limits: UploadLimits, max_side: int) -> ProbedUpload:
     param, data = upload
-    try:
+    with _naming(param):
         return probe_upload(
             data,
             max_bytes=limits.max_image_bytes,
             max_pixels=limits.max_input_pixels,
             max_side=max_side,
         )
-    except UploadError as exc:
-        raise APIError(
-            f"Invalid image in {param!r}: {exc}.", status=exc.status, param=param
-        ) from None
 
 
 def _decode(probed: ProbedUpload, param: str, max_side: int, as_mask: bool) -> Image.Image:
-    try:
+    with _naming(param):
         return decode_probed(probed, max_side=max_side, as_mask=as_mask)
-    except UploadError as exc:
-        raise APIError(
-            f"Invalid image in {param!r}: {exc}.", status=exc.status, param=param
-        ) from None
 
 
 def probe_all(

@@ -194,20 +194,28 @@ class ImagesService:
             except StopAsyncIteration:
                 return None
 
+        def preview_sse(event: PartialImage) -> str:
+            b64, partial = to_base64(event.image), event.partial_image_index
+            return sse(
+                stream_event(resolved, endpoint, event.image_index, b64, partial_index=partial)
+            )
+
+        def completed_sse(event: Completed) -> str:
+            """One completed event per image, sent together (the request's last events)."""
+            return "".join(
+                sse(stream_event(resolved, endpoint, index, to_base64(image), usage=usage))
+                for index, image in enumerate(event.result.images)
+            )
+
         async def body() -> AsyncIterator[str]:
             try:
                 while (event := await next_event()) is not None:
                     if isinstance(event, PartialImage):
-                        b64, partial = to_base64(event.image), event.partial_image_index
-                        preview = stream_event(
-                            resolved, endpoint, event.image_index, b64, partial_index=partial
-                        )
-                        yield sse(preview)
+                        # base64 + JSON of a 1 MP image: off the event loop the ingress shares.
+                        yield await asyncio.to_thread(preview_sse, event)
                     elif isinstance(event, Completed):
                         self._count_output(endpoint, resolved, usage)
-                        for index, image in enumerate(event.result.images):
-                            b64 = to_base64(image)
-                            yield sse(stream_event(resolved, endpoint, index, b64, usage=usage))
+                        yield await asyncio.to_thread(completed_sse, event)
             except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
                 yield sse(error_body(as_api_error(exc, request_id), request_id))
             finally:
