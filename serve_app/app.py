@@ -13,7 +13,7 @@ import logging
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, ModelConfig
 from serve_app.ingress import ImagesIngress
 from serve_app.model import ImageModel
 
@@ -22,11 +22,13 @@ logger = logging.getLogger("ray.serve")
 INGRESS_NAME = "ImagesIngress"
 
 
-def model_deployment_options(args: AppArgs) -> dict:
-    """Defaults for a model deployment: one replica, one CPU, room to fill two batches."""
+def model_deployment_options(args: AppArgs, model: ModelConfig) -> dict:
+    """Defaults for a model deployment: one replica, one CPU (and a GPU for `device: cuda`),
+    room to fill two batches."""
+    actor_options = {"num_cpus": 1, **({"num_gpus": 1} if model.device == "cuda" else {})}
     return {
         "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": 1},
+        "ray_actor_options": actor_options,
         # Two calls' worth of requests: one running, one queued for the next call.
         "max_ongoing_requests": 2 * args.batching.max_batch_images,
         # Only what was set: an unset max_batch_images is sized to the GPU's memory.
@@ -46,7 +48,7 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
     app_args = AppArgs.model_validate(args or {})
     model_apps = {}
     for model in app_args.models:
-        options = model_deployment_options(app_args)
+        options = model_deployment_options(app_args, model)
         logger.info("model deployment %s: %s", model.deployment_name, options)
         deployment = serve.deployment(ImageModel, name=model.deployment_name, **options)
         model_apps[model.id] = deployment.bind(model.model_dump())

@@ -100,7 +100,9 @@ class ModelConfig(StrictModel):
     source: str = Field(
         "black-forest-labs/FLUX.1-Kontext-dev",
         min_length=1,
-        description="`tiny` (the embedded random model), a hub id, or a local directory.",
+        description="`tiny` (the embedded random model), `synthetic` (FLUX.1-Kontext-dev's "
+        "architecture with random weights, for measuring speed and memory), a hub id, or a "
+        "local directory.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; `auto` = bfloat16 on CUDA, float32 on CPU."

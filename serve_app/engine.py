@@ -98,6 +98,11 @@ class FluxEngine:
         if config.cpu_offload and self.device != "cuda":
             raise ModelLoadError(f"model {config.id!r}: cpu_offload needs a CUDA GPU.")
 
+        if config.cpu_offload and config.source == "synthetic":
+            raise ModelLoadError(
+                f"model {config.id!r}: cpu_offload is not supported with source 'synthetic' "
+                "(its weights are created on the GPU); remove one of the two."
+            )
         source = config.source
         if source == "tiny":
             from serve_app.tiny import ensure_tiny_model
@@ -105,10 +110,15 @@ class FluxEngine:
             source = str(ensure_tiny_model(config.cache_dir))
         started = time.perf_counter()
         try:
-            pipe = FluxKontextPipeline.from_pretrained(source, dtype=self.dtype)
+            if source == "synthetic":
+                from serve_app.synthetic import build_pipeline
+
+                pipe = build_pipeline(self.device, self.dtype)
+            else:
+                pipe = FluxKontextPipeline.from_pretrained(source, dtype=self.dtype)
             if config.cpu_offload:
                 pipe.enable_model_cpu_offload()
-            elif self.device != "cpu":
+            elif self.device != "cpu" and source != "synthetic":
                 pipe.to(self.device)
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelLoadError(

@@ -1,20 +1,31 @@
-"""FLUX.1-Kontext-dev's exact architecture, as data: the start of `source: synthetic` (issue 11).
+"""`source: synthetic`: FLUX.1-Kontext-dev's exact architecture with random weights.
 
 Speed and memory depend on the architecture, not on the weights' values, so the real model's
-component configurations are kept here (the same values as the hub's `config.json` files) and
-can be built without downloading 33 GB. So far: building every component on the meta device
-(no memory) and counting its parameters, which a test checks against the published checkpoint
-sizes.
+component configurations are kept here as data (the values of the hub's `config.json` files) and
+built without downloading 33 GB: every weight is created directly on the target device in the
+target dtype, then re-drawn from a seeded, variance-preserving normal distribution whose residual
+branches are scaled down by depth, so activations stay finite in bf16 through any number of
+steps. Tokenizers with the real vocabulary sizes are built in memory. Images are noise; FLOPs,
+memory and shapes are the real model's.
 
-    python -m serve_app.synthetic --param-counts
+    python -m serve_app.synthetic --param-counts   # every component on the meta device
+    python -m serve_app.synthetic --flops 1024x1024  # transformer FLOPs per denoising step
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import string
 import sys
 from typing import Any
+
+from serve_app.geometry import PATCH, parse_wxh
+
+SEED = 0
+T5_PIECES = 32000  # sentencepiece pieces of T5-v1.1; the tokenizer adds 100 extra ids
+CLIP_BOS, CLIP_EOS = 49406, 49407  # CLIP's special tokens are its last two ids
 
 # diffusers FluxTransformer2DModel (transformer/config.json)
 TRANSFORMER: dict[str, Any] = {
@@ -54,6 +65,10 @@ CLIP_TEXT: dict[str, Any] = {
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
     "projection_dim": 768,
+    # As in the checkpoint: eos_token_id 2 makes CLIP pool at the highest id (its EOS).
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
 }
 # diffusers AutoencoderKL, the 16-channel FLUX VAE (vae/config.json)
 VAE: dict[str, Any] = {
@@ -83,20 +98,172 @@ SCHEDULER: dict[str, Any] = {
 }
 
 
-def build_components(device: str = "meta") -> dict[str, Any]:
-    """The four weighted components with FLUX.1-Kontext-dev's shapes, created on `device`
-    (`meta`: shapes only, no memory)."""
+COMPONENTS = {
+    "transformer": TRANSFORMER,
+    "text_encoder": CLIP_TEXT,
+    "text_encoder_2": T5_ENCODER,
+    "vae": VAE,
+}
+# Linear layers whose output is added to a residual stream: scaled down by the stream's depth.
+_RESIDUAL_OUTPUTS = (
+    "attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2",  # FLUX double blocks
+    "single_transformer_blocks.*.proj_out",  # FLUX single blocks
+    "SelfAttention.o", "DenseReluDense.wo",  # T5
+    "self_attn.out_proj", "mlp.fc2",  # CLIP
+)  # fmt: skip
+
+
+def build_components(
+    device: str = "meta", dtype=None, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The four weighted components with FLUX.1-Kontext-dev's shapes, created on `device` in
+    `dtype` (`meta`: shapes only, no memory). `overrides` changes config values per component
+    (tests shrink the widths to run the real depths on a CPU)."""
     import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    with torch.device(device):
-        return {
-            "transformer": FluxTransformer2DModel(**TRANSFORMER),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_TEXT)),
-            "text_encoder_2": T5EncoderModel(T5Config(**T5_ENCODER)),
-            "vae": AutoencoderKL(**VAE),
+    configs = {
+        name: {**config, **(overrides or {}).get(name, {})} for name, config in COMPONENTS.items()
+    }
+    default_dtype = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)  # parameters are born in it: no float32 copy
+    try:
+        with torch.device(device):
+            return {
+                "transformer": FluxTransformer2DModel(**configs["transformer"]),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+                "text_encoder_2": T5EncoderModel(T5Config(**configs["text_encoder_2"])),
+                "vae": AutoencoderKL(**configs["vae"]),
+            }
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _is_residual_output(name: str) -> bool:
+    parts = name.split(".")
+    for pattern in _RESIDUAL_OUTPUTS:
+        wanted = pattern.split(".")
+        for start in range(len(parts) - len(wanted) + 1):
+            window = parts[start : start + len(wanted)]
+            if all(w in ("*", p) for w, p in zip(wanted, window, strict=True)):
+                return True
+    return False
+
+
+def randomize(module, depth: int, generator) -> None:
+    """Re-draw every weight in place: linear and conv weights from N(0, 1/fan_in) (outputs keep
+    their inputs' scale), residual-branch outputs further by 1/sqrt(2 * depth) (the stream
+    grows by O(1) over all blocks), embeddings from N(0, 1), biases zero; norms stay 1/0."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for name, layer in module.named_modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                std = 1 / math.sqrt(layer.weight[0].numel())
+                if _is_residual_output(name):
+                    std /= math.sqrt(2 * depth)
+                layer.weight.normal_(0, std, generator=generator)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+            elif isinstance(layer, nn.Embedding):
+                layer.weight.normal_(0, 1, generator=generator)
+
+
+def build_tokenizers():
+    """CLIP (49,408 ids, BOS/EOS last) and T5 (32,000 pieces + 100 extra ids) tokenizers built in
+    memory: byte/character pieces so any text encodes, filled to the real vocabulary sizes."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    clip_vocab: dict[str, int] = {}
+    for char in bytes_to_unicode().values():
+        clip_vocab.setdefault(char, len(clip_vocab))
+        clip_vocab.setdefault(char + "</w>", len(clip_vocab))
+    while len(clip_vocab) < CLIP_BOS:
+        clip_vocab[f"w{len(clip_vocab)}</w>"] = len(clip_vocab)
+    clip_vocab["<|startoftext|>"], clip_vocab["<|endoftext|>"] = CLIP_BOS, CLIP_EOS
+    clip = CLIPTokenizer(
+        vocab=clip_vocab,
+        merges=[],
+        model_max_length=CLIP_TEXT["max_position_embeddings"],
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += [(c, -5.0) for c in chars] + [("▁" + c, -5.5) for c in chars]
+    pieces += [(f"▁w{i}", -20.0) for i in range(len(pieces), T5_PIECES)]
+    t5 = T5TokenizerFast(vocab=pieces, model_max_length=512)
+    return clip, t5
+
+
+def build_pipeline(device: str, dtype, overrides: dict[str, dict[str, Any]] | None = None):
+    """A `FluxKontextPipeline` with the real architecture and seeded random weights, built on
+    `device` in `dtype` (seconds on a GPU: nothing is materialised on the CPU first)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    components = build_components(device, dtype, overrides)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    for module in components.values():
+        module.eval().requires_grad_(False)
+    transformer, t5 = components["transformer"], components["text_encoder_2"]
+    randomize(
+        transformer, transformer.config.num_layers + transformer.config.num_single_layers, generator
+    )
+    randomize(
+        components["text_encoder"], components["text_encoder"].config.num_hidden_layers, generator
+    )
+    randomize(t5, t5.config.num_layers, generator)
+    randomize(components["vae"], 1, generator)  # no residual stream to protect: GroupNorms
+    clip_tokenizer, t5_tokenizer = build_tokenizers()
+    return FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        tokenizer=clip_tokenizer,
+        tokenizer_2=t5_tokenizer,
+        **components,
+    )
+
+
+def flops_per_step(
+    width: int,
+    height: int,
+    conditioning_images: int = 0,
+    text_tokens: int = 512,
+    transformer_config: dict[str, Any] | None = None,
+) -> int:
+    """FLOPs of one transformer forward (one denoising step; FLUX.1 [dev] is guidance-distilled,
+    so one forward per step) for one image, counted by torch's FLOP counter on the meta device.
+    An edit's conditioning image adds its tokens to the sequence. Default: the real model's
+    transformer; `transformer_config` counts another (the tiny one, in the CPU benchmark)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = transformer_config or TRANSFORMER
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**config)
+    image_tokens = (width // PATCH) * (height // PATCH)
+    tokens = image_tokens * (1 + conditioning_images)
+    with torch.device("meta"):
+        inputs = {
+            "hidden_states": torch.empty(1, tokens, config["in_channels"]),
+            "encoder_hidden_states": torch.empty(1, text_tokens, config["joint_attention_dim"]),
+            "pooled_projections": torch.empty(1, config["pooled_projection_dim"]),
+            "timestep": torch.empty(1),
+            "guidance": torch.empty(1),
+            "img_ids": torch.empty(tokens, 3),
+            "txt_ids": torch.empty(text_tokens, 3),
         }
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            transformer(**inputs, return_dict=False)
+    return counter.get_total_flops()
 
 
 def param_counts() -> dict[str, int]:
@@ -110,11 +277,19 @@ def param_counts() -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--param-counts", action="store_true", help="print them as JSON")
+    parser.add_argument("--flops", metavar="WxH", help="transformer FLOPs per step at a size")
     args = parser.parse_args(argv)
-    if not args.param_counts:
+    if args.param_counts:
+        print(json.dumps(param_counts(), indent=2))
+    elif args.flops:
+        width, height = parse_wxh(args.flops)
+        print(json.dumps({
+            "text_to_image": flops_per_step(width, height),
+            "edit": flops_per_step(width, height, conditioning_images=1),
+        }, indent=2))  # fmt: skip
+    else:
         parser.print_help()
         return 2
-    print(json.dumps(param_counts(), indent=2))
     return 0
 
 

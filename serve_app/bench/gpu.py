@@ -1,143 +1,413 @@
-"""Seconds per image for each speed option, plain bf16 first: `python -m serve_app.bench gpu`.
+"""Seconds per image, speed-ups and peak memory of the speed switches and of batches: `python -m
+serve_app.bench gpu` (what `scripts/gpu-check.sh` runs on a lent GPU).
 
-Each option loads the model afresh (compile and quantization cannot be undone), warms it up at the
-measured size (compiling if needed), then times text-to-image and an edit, one image per call.
-Options that cannot run on this machine are reported with the reason instead of a number.
+In-process (no Ray, no HTTP): the engine the model deployment runs, at the size and steps asked,
+text-to-image and a single-image edit. Steps, in order of importance, each skipped with the reason
+once the time budget could not hold it:
+
+1. plain: the dtype's eager path, then batches of text-to-image at the large and small sizes;
+2. switches that can be undone on the same weights: first-block cache, each attention backend;
+3. compile (regional, in place, so last on these weights);
+4. fp8 + compile on freshly built weights, then with the first-block cache too (the best
+   combination).
+
+Every measurement warms its exact shape up first (a short call; for compile, the compilation)
+and records the peak GPU memory of its timed calls. Results are written after every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from serve_app.bench.machine import bench_job, describe, device_label
 
-OPTIONS = {
-    "plain": {},
-    "compile": {"compile": True},
-    "fp8": {"quantization": "fp8"},
-    "cache": {"first_block_cache_threshold": 0.08},
-    "cudnn-attention": {"attention_backend": "_native_cudnn"},
-    "flash-attention": {"attention_backend": "flash"},
+# Dense bf16 peak of known GPUs (vendor figures, no sparsity), for model FLOP utilisation.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
 }
+# diffusers' attention backends that need no package beyond torch are tried; the others are
+# tried too and reported with the reason when they do not load (no flash-attn, sageattention...).
+ATTENTION_BACKENDS = (
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    "flash",
+    "_flash_3",
+    "sage",
+)
+STEPS = ("plain", "batches", "cache", "attention", "compile", "fp8-compile", "fp8-compile-cache")
+CACHE_THRESHOLD = 0.08
+COMPILE_ESTIMATE_S = 150  # a regional compile of FLUX's blocks on an H100, warm-up included
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--source",
-        default="black-forest-labs/FLUX.1-Kontext-dev",
-        help="hub id, local directory, or 'tiny'",
-    )
-    parser.add_argument("--size", default="1024x1024")
+    parser.add_argument("--source", default="synthetic", help="synthetic, tiny, hub id or dir")
+    parser.add_argument("--size", default="1024x1024", help="WxH of the switch measurements")
+    parser.add_argument("--small-size", default="512x512", help="WxH of the second batch series")
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per measurement")
+    parser.add_argument("--batches", default="1,2,4", help="images per call at --size")
     parser.add_argument(
-        "--options", default=",".join(OPTIONS), help=f"comma-separated, from: {', '.join(OPTIONS)}"
+        "--small-batches", default="1,2,4,8", help="images per call at --small-size"
     )
-    parser.add_argument("--out", default="results/gpu.json", help="JSON results file")
+    parser.add_argument("--repeat", type=int, default=1, help="timed calls per measurement")
+    parser.add_argument("--budget-s", type=float, default=540, help="stop starting steps after")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if unlisted")
+    parser.add_argument(
+        "--only", default=",".join(STEPS), help=f"comma-separated steps, from: {', '.join(STEPS)}"
+    )
+    parser.add_argument("--out", default="results/gpu.json", help="JSON results; .md beside it")
 
 
-def _time_call(engine, job, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
+class Budget:
+    """The time left; a step that would not fit is skipped, not started."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        from serve_app.geometry import parse_wxh
+
+        self.args = args
+        self.size = parse_wxh(args.size)
+        self.small_size = parse_wxh(args.small_size)
+        self.budget = Budget(args.budget_s)
+        self.machine = describe()
+        self.peak_tflops = args.peak_tflops or _peak_tflops(self.machine.get("gpu"))
+        self.rows: list[dict] = []
+        self.engine = None
+        self.flops: dict[tuple[int, int, int], int] = {}
+        self.t2i_s: float | None = None  # plain text-to-image seconds, to estimate the rest
+
+    # -- engine ---------------------------------------------------------------------------
+    def load(self, **speed) -> None:
+        from serve_app.config import ModelConfig
+        from serve_app.engine import FluxEngine
+
+        self.unload()
+        width, height = self.size
+        self.config = ModelConfig(
+            id="bench",
+            source=self.args.source,
+            speed=speed,
+            warmup=False,
+            min_side=16,
+            max_side=4096,
+            max_pixels=4096 * 4096,
+            default_size=f"{width}x{height}",
+        )
+        engine = FluxEngine(self.config)
         started = time.perf_counter()
-        engine.generate([job])
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def measure(option: str, args) -> dict:
-    import torch
-    from PIL import Image
-
-    from serve_app.config import ModelConfig
-    from serve_app.engine import FluxEngine, ModelLoadError
-    from serve_app.geometry import nearest_resolution, parse_wxh
-
-    width, height = parse_wxh(args.size)
-    config = ModelConfig(
-        id="bench",
-        source=args.source,
-        speed=OPTIONS[option],
-        warmup_sizes=[args.size],
-        min_side=16,
-        max_side=4096,
-        max_pixels=4096 * 4096,
-    )
-    row = {"option": option, "speed": OPTIONS[option]}
-    try:
-        engine = FluxEngine(config)
         engine.load()
-    except ModelLoadError as exc:
-        return {**row, "error": str(exc)}
-    try:
-        canvas = Image.new("RGB", nearest_resolution(width, height, config.resolution_buckets))
-        jobs = {
-            "text_to_image": bench_job(config, args.size, args.steps),
-            "edit": bench_job(config, args.size, args.steps, prompt="make it night", canvas=canvas),
-        }
-        started = time.perf_counter()
-        engine.warmup()
-        row["warmup_s"] = round(time.perf_counter() - started, 3)
-        for name, job in jobs.items():
-            row[f"{name}_s_per_image"] = round(_time_call(engine, job, args.repeat), 4)
-    except Exception as exc:  # noqa: BLE001 - an option failing at run time is a result too
-        row["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        del engine
+        self.load_s = round(time.perf_counter() - started, 2)
+        self.engine = engine
+
+    def unload(self) -> None:
+        import torch
+
+        self.engine = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return row
 
+    def job(self, size: tuple[int, int], n: int = 1, edit: bool = False):
+        from PIL import Image
 
-def table(rows: list[dict], machine: dict, args) -> str:
-    plain = next((r for r in rows if r["option"] == "plain" and "error" not in r), None)
-    lines = [
-        f"{device_label(machine)} | {args.source} | {args.size}, {args.steps} steps, "
-        f"median of {args.repeat}",
-        "",
-        "| option | text-to-image s/image | edit s/image | speed-up vs plain | note |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['option']} | — | — | — | {row['error'][:120]} |")
-            continue
-        t2i, edit = row["text_to_image_s_per_image"], row["edit_s_per_image"]
-        speedup = f"{plain['text_to_image_s_per_image'] / t2i:.2f}x" if plain else "—"
-        lines.append(
-            f"| {row['option']} | {t2i:.3f} | {edit:.3f} | {speedup} | "
-            f"warm-up {row['warmup_s']:.1f} s |"
+        from serve_app.geometry import nearest_resolution
+
+        width, height = size
+        canvas = None
+        if edit:
+            bucket = nearest_resolution(width, height, self.config.resolution_buckets)
+            canvas = Image.new("RGB", bucket, "gray")
+        prompt = "make it night" if edit else "a lighthouse at dawn"
+        return bench_job(self.config, f"{width}x{height}", self.args.steps, n, prompt, canvas)
+
+    def time_job(self, job) -> dict:
+        """Warm the shape up with a 2-step call, then time `repeat` calls: median seconds per
+        image, peak GPU memory, and model FLOP utilisation where the GPU's peak is known."""
+        import dataclasses
+
+        import torch
+
+        self.engine.generate([dataclasses.replace(job, steps=2)])
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(self.args.repeat):
+            started = time.perf_counter()
+            self.engine.generate([job])
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        seconds = statistics.median(times) / job.n
+        result = {"s_per_image": round(seconds, 4)}
+        result["peak_memory_gib"] = (
+            round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
         )
+        flops = self.flops_per_image(job)
+        result["flops_per_image"] = flops
+        if self.peak_tflops:
+            result["mfu"] = round(flops / seconds / (self.peak_tflops * 1e12), 3)
+        return result
+
+    def flops_per_image(self, job) -> int:
+        """The loaded transformer's FLOPs for one image of `job`, all steps (meta device)."""
+        from serve_app.synthetic import flops_per_step
+
+        key = (job.width, job.height, len(job.conditioning))
+        if key not in self.flops:
+            config = {
+                k: v
+                for k, v in self.engine.pipe.transformer.config.items()
+                if not k.startswith("_")
+            }
+            self.flops[key] = flops_per_step(
+                job.width,
+                job.height,
+                len(job.conditioning),
+                self.config.max_sequence_length,
+                config,
+            )
+        return self.flops[key] * job.steps
+
+    # -- steps ----------------------------------------------------------------------------
+    def step(self, name: str, estimate_s: float, run: Callable[[], dict]) -> None:
+        """Run one step unless the budget cannot hold its estimate; record whatever happens."""
+        row: dict = {"step": name}
+        if name.split(":")[0] not in self.only:
+            return
+        if self.budget.left() < estimate_s:
+            row["skipped"] = (
+                f"time budget: {self.budget.left():.0f}s left, needs ~{estimate_s:.0f}s"
+            )
+        else:
+            started = time.perf_counter()
+            try:
+                row.update(run())
+            except Exception as exc:  # noqa: BLE001 - a step failing here is a result too
+                row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+        self.rows.append(row)
+        self.write()
+
+    def switch(self, setup: Callable[[], object] | None = None) -> Callable[[], dict]:
+        """A measurement of text-to-image and an edit with the switch `setup` turns on."""
+
+        def run() -> dict:
+            if setup is not None:
+                setup()
+            row = {"text_to_image": self.time_job(self.job(self.size))}
+            row["edit"] = self.time_job(self.job(self.size, edit=True))
+            return row
+
+        return run
+
+    def estimate(self, images: float = 3.3, extra_s: float = 0.0) -> float:
+        """Seconds for `images` full-size text-to-images (an edit is ~2.3), warm-ups included."""
+        if self.t2i_s is None:
+            return 0.0
+        return self.t2i_s * images * 1.15 + extra_s
+
+    def run(self) -> dict:
+        import torch
+
+        self.only = {s.strip() for s in self.args.only.split(",") if s.strip()}
+        unknown = self.only - set(STEPS)
+        if unknown:
+            raise SystemExit(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
+        cuda = torch.cuda.is_available()
+        compile_s = COMPILE_ESTIMATE_S if cuda else 60
+
+        self.load()
+        self.step("plain", 0, self.plain)
+        self.step(
+            "batches", self.estimate(sum(self.batch_sizes(self.args.batches)) + 4), self.batches
+        )
+        transformer = self.engine.pipe.transformer
+        self.step("cache", self.estimate(2), self.switch(lambda: _enable_cache(transformer)))
+        if transformer.is_cache_enabled:
+            transformer.disable_cache()
+        for backend in ATTENTION_BACKENDS:
+            setup = lambda backend=backend: transformer.set_attention_backend(backend)  # noqa: E731
+            self.step(f"attention:{backend}", self.estimate(), self.switch(setup))
+            transformer.set_attention_backend("native")
+        self.step("compile", self.estimate(2.5, compile_s), self.switch(self.compile))
+        if {"fp8-compile", "fp8-compile-cache"} & self.only:
+            self.step("fp8-compile", self.estimate(2, compile_s + 30), self.fp8)
+            if self.engine is not None and self.engine.config.speed.quantization == "fp8":
+                transformer = self.engine.pipe.transformer
+                self.step(
+                    "fp8-compile-cache",
+                    self.estimate(1.5, 60),
+                    self.switch(lambda: _enable_cache(transformer)),
+                )
+        self.unload()
+        print(self.table())
+        print(f"\nwrote {self.args.out} and {Path(self.args.out).with_suffix('.md')}")
+        return self.result()
+
+    def plain(self) -> dict:
+        row = {"load_s": self.load_s, **self.switch()()}
+        self.t2i_s = row["text_to_image"]["s_per_image"]
+        return row
+
+    def batch_sizes(self, text: str) -> list[int]:
+        return [int(n) for n in text.split(",") if n.strip()]
+
+    def batches(self) -> dict:
+        series = {}
+        for size, counts in (
+            (self.size, self.args.batches),
+            (self.small_size, self.args.small_batches),
+        ):
+            rows = []
+            for n in self.batch_sizes(counts):
+                if rows and self.budget.left() < self.estimate(
+                    n * size[0] * size[1] / (self.size[0] * self.size[1])
+                ):
+                    rows.append({"n": n, "skipped": "time budget"})
+                    continue
+                measured = {"n": n, **self.time_job(self.job(size, n))}
+                if rows and "s_per_image" in rows[0]:
+                    measured["speedup_vs_1"] = round(
+                        rows[0]["s_per_image"] / measured["s_per_image"], 2
+                    )
+                rows.append(measured)
+            series[f"{size[0]}x{size[1]}"] = rows
+        return {"series": series}
+
+    def compile(self) -> None:
+        self.engine.pipe.transformer.compile_repeated_blocks(fullgraph=True)
+
+    def fp8(self) -> dict:
+        from serve_app.engine import ModelLoadError
+
+        try:
+            self.load(quantization="fp8", compile=True)
+        except ModelLoadError as exc:
+            self.unload()
+            return {"error": str(exc)}
+        return {"load_s": self.load_s, **self.switch()()}
+
+    # -- output ---------------------------------------------------------------------------
+    def result(self) -> dict:
+        return {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": self.machine,
+            "settings": {
+                "source": self.args.source,
+                "size": self.args.size,
+                "small_size": self.args.small_size,
+                "steps": self.args.steps,
+                "repeat": self.args.repeat,
+                "budget_s": self.args.budget_s,
+                "peak_bf16_tflops": self.peak_tflops,
+            },
+            "rows": self.rows,
+            "table": self.table(),
+        }
+
+    def write(self) -> None:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = self.result()
+        out.write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(result["table"] + "\n")
+
+    def table(self) -> str:
+        return table(self.rows, self.machine, self.args, self.peak_tflops)
+
+
+def _enable_cache(transformer) -> None:
+    from diffusers import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=CACHE_THRESHOLD))
+
+
+def _peak_tflops(gpu: str | None) -> float | None:
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if gpu and name in gpu:
+            return tflops
+    return None
+
+
+def _cell(measured: dict | None, key: str = "s_per_image", digits: int = 3) -> str:
+    if not measured or measured.get(key) is None:
+        return "—"
+    return f"{measured[key]:.{digits}f}"
+
+
+def table(rows: list[dict], machine: dict, args, peak_tflops: float | None) -> str:
+    """Markdown: the switches (seconds per image, speed-up over plain, peak memory, MFU), then
+    the batch series (seconds per image, speed-up over batch 1, peak memory)."""
+    plain = next(
+        (r for r in rows if r["step"] == "plain" and "error" not in r and "skipped" not in r), None
+    )
+    today = datetime.date.today().isoformat()
+    lines = [
+        f"{device_label(machine)} | torch {machine['torch']} | {today} | source {args.source} | "
+        f"{args.size}, {args.steps} steps | median of {args.repeat}"
+        + (f" | MFU vs {peak_tflops:.0f} TFLOP/s bf16" if peak_tflops else ""),
+        "",
+        "| step | text-to-image s/image | edit s/image | speed-up (t2i) | peak GiB "
+        "| MFU t2i / edit | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    batch_rows = []
+    for row in rows:
+        if row["step"] == "batches" and "series" in row:
+            batch_rows.append(row)
+            continue
+        note = row.get("error") or row.get("skipped") or ""
+        t2i, edit = row.get("text_to_image"), row.get("edit")
+        speedup = "—"
+        if t2i and plain:
+            speedup = f"{plain['text_to_image']['s_per_image'] / t2i['s_per_image']:.2f}x"
+        peak = max(
+            (m["peak_memory_gib"] for m in (t2i, edit) if m and m.get("peak_memory_gib")),
+            default=None,
+        )
+        mfu = f"{_cell(t2i, 'mfu', 2)} / {_cell(edit, 'mfu', 2)}" if t2i else "—"
+        if "load_s" in row:
+            note = (note + f" load {row['load_s']:.0f} s").strip()
+        note = note.replace("|", "/").replace("\n", " ")[:160]
+        lines.append(
+            f"| {row['step']} | {_cell(t2i)} | {_cell(edit)} | {speedup} | "
+            f"{'—' if peak is None else f'{peak:.1f}'} | {mfu} | {note} |"
+        )
+    for row in batch_rows:
+        lines += [
+            "",
+            "| text-to-image batch | n | s/image | speed-up vs n=1 | peak GiB |",
+            "|---|---|---|---|---|",
+        ]
+        for size, series in row["series"].items():
+            for measured in series:
+                lines.append(
+                    f"| {size} | {measured['n']} | {_cell(measured)} | "
+                    f"{measured.get('speedup_vs_1', '—' if measured['n'] != 1 else '1.00')} | "
+                    f"{_cell(measured, 'peak_memory_gib', 1)} |"
+                )
     return "\n".join(lines)
 
 
 def run(args) -> dict:
-    options = [o.strip() for o in args.options.split(",") if o.strip()]
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise SystemExit(f"unknown options {sorted(unknown)}; choose from {', '.join(OPTIONS)}")
-    machine = describe()
-    rows = [measure(option, args) for option in options]
-    result = {
-        "machine": machine,
-        "settings": {
-            "source": args.source,
-            "size": args.size,
-            "steps": args.steps,
-            "repeat": args.repeat,
-        },
-        "rows": rows,
-    }
-    result["table"] = table(rows, machine, args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(result["table"])
-    print(f"\nwrote {out}")
-    return result
+    return Bench(args).run()

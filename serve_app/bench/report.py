@@ -11,6 +11,7 @@ Results: JSON, a markdown table and a PNG plot in `--out`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -25,6 +26,7 @@ from serve_app.bench.machine import bench_job, describe, device_label
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="tiny", help="'tiny', a hub id or a local directory")
+    parser.add_argument("--device", default="auto", help="auto, cuda (a GPU per replica) or cpu")
     parser.add_argument("--size", default="256x256")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-sizes", default="1,2,4,8")
@@ -67,6 +69,7 @@ def model_config(args):
     return ModelConfig(
         id="bench",
         source=args.source,
+        device=args.device,
         torch_threads=args.torch_threads,
         warmup_sizes=[args.size],
         min_side=16,
@@ -87,8 +90,7 @@ def pipeline_baseline(args) -> list[dict]:
     rows = []
     for batch in _ints(args.batch_sizes):
         job = bench_job(config, args.size, args.steps, n=batch)
-        for _ in range(2):
-            engine.generate([job])
+        engine.generate([dataclasses.replace(job, steps=2)])  # warm the shape up
         times = []
         for _ in range(args.repeat):
             started = time.perf_counter()
@@ -106,6 +108,8 @@ def pipeline_baseline(args) -> list[dict]:
         )
     del engine
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the replica, another process, loads its own copy next
     return rows
 
 

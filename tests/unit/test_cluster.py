@@ -69,3 +69,16 @@ def test_launcher_schema_catches_mistakes():
     except jsonschema.ValidationError:
         return
     raise AssertionError("the schema accepted max_workers: 'eight'")
+
+
+def test_a_cuda_model_asks_ray_for_a_gpu_per_replica():
+    """`device: cuda` (bench report --device cuda, gpu-check --serve) needs a GPU from Ray, or
+    the replica would see none; other devices ask for none."""
+    from serve_app.app import model_deployment_options
+    from serve_app.config import ModelConfig
+
+    args = AppArgs()
+    cuda = model_deployment_options(args, ModelConfig(source="synthetic", device="cuda"))
+    assert cuda["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    auto = model_deployment_options(args, ModelConfig(source="tiny"))
+    assert auto["ray_actor_options"] == {"num_cpus": 1}
