@@ -37,6 +37,7 @@ class BatchLoop:
         self.wait_s = wait_s
         self.max_pixels = max_pixels  # per call, when memory caps it
         self._waiting: list[tuple[ImageJob, asyncio.Future]] = []
+        self.running: list[ImageJob] = []  # the jobs of the call in progress
         self._arrived = asyncio.Event()
         self._drainer: asyncio.Task | None = None
 
@@ -51,6 +52,10 @@ class BatchLoop:
     @property
     def queued_jobs(self) -> int:
         return sum(not future.done() for _, future in self._waiting)
+
+    def queued(self) -> list[ImageJob]:
+        """The jobs waiting for a call whose callers are still there."""
+        return [job for job, future in self._waiting if not future.done()]
 
     async def submit(self, job: ImageJob) -> Any:
         """Queue one job (at most `max_images` images) and wait for its outcome."""
@@ -75,10 +80,13 @@ class BatchLoop:
                 break
             jobs_and_futures = self._pop_next_call()
             jobs = [job for job, _ in jobs_and_futures]
+            self.running = jobs
             try:
                 outcomes = await self._run_call(jobs)
             except Exception as exc:  # noqa: BLE001 - the call's own jobs get the failure
                 outcomes = [exc] * len(jobs)
+            finally:
+                self.running = []
             if len(outcomes) != len(jobs):
                 error = RuntimeError(
                     f"a pipeline call returned {len(outcomes)} outcomes for {len(jobs)} jobs; "

@@ -95,12 +95,28 @@ class ModelMetrics:
             "Fraction of the denoising steps done by the pipeline call running now.",
             tags,
         )
+        self.queued_work = _make(
+            "Gauge",
+            "serve_app_queued_work",
+            "Denoising work waiting in this replica's queue, in work units (one step of one "
+            "1024x1024 text-to-image image; serve_app/autoscaling.py).",
+            tags,
+        )
+        self.estimated_wait = _make(
+            "Gauge",
+            "serve_app_estimated_wait_seconds",
+            "Queued and running work over the replica's measured work rate: how long a new "
+            "request would wait before its own call starts.",
+            tags,
+        )
         for metric in (
             self.queue_wait,
             self.seconds_per_image,
             self.images_per_call,
             self.steps,
             self.progress,
+            self.queued_work,
+            self.estimated_wait,
         ):
             if hasattr(metric, "set_default_tags"):
                 metric.set_default_tags({"model": model_id})

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+from serve_app.autoscaling import job_work, total_work
 from serve_app.batch_loop import BatchLoop
 from serve_app.batching import count_images, split_job
 from serve_app.codec import encode_image
@@ -99,6 +100,8 @@ class ImageModel:
         )
         self.metrics = ModelMetrics(self.config.id)
         self._call_started: float | None = None  # monotonic start of the running pipeline call
+        self._steps_left = 0  # of the running call
+        self._work_per_s: float | None = None  # measured work rate (autoscaling work units)
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
         )
@@ -126,6 +129,22 @@ class ImageModel:
             max_images,
             max_pixels or "unlimited",
         )
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this periodically when the deployment autoscales; on the replica's
+        event loop, where the batch loop lives."""
+        return self.autoscaling_stats()
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """The work this replica holds, for `autoscaling.WorkPolicy`: queued and running, in
+        work units; also sets the queue-depth and estimated-wait metrics."""
+        text = self.config.max_sequence_length
+        queued = total_work(self.batches.queued(), text)
+        running = sum(job_work(job, text, self._steps_left) for job in self.batches.running)
+        self.metrics.queued_work.set(queued)
+        wait = (queued + running) / self._work_per_s if self._work_per_s else 0.0
+        self.metrics.estimated_wait.set(wait)
+        return {"queued_work": queued, "running_work": running}
 
     def check_health(self) -> None:
         """Unhealthy when the model is gone or a pipeline call hangs (e.g. a wedged GPU)."""
@@ -232,6 +251,7 @@ class ImageModel:
             if job.received_at:
                 self.metrics.queue_wait.observe(started - job.received_at)
         self._call_started = started
+        self._steps_left = jobs[0].steps
         call = asyncio.get_running_loop().run_in_executor(
             self._pipeline_thread, functools.partial(self.engine.generate, jobs, self._on_step)
         )
@@ -247,13 +267,17 @@ class ImageModel:
                 "pipeline call failed for requests %s", [job.request_id for job in jobs]
             )
             return [exc] * len(jobs)
-        self.metrics.seconds_per_image.observe((time.monotonic() - started) / images)
+        seconds = time.monotonic() - started
+        self.metrics.seconds_per_image.observe(seconds / images)
+        rate = total_work(jobs, self.config.max_sequence_length) / max(seconds, 1e-6)
+        self._work_per_s = rate if self._work_per_s is None else 0.7 * self._work_per_s + 0.3 * rate
         self.metrics.images_per_call.observe(images)
         logger.info("pipeline call: %d images from %d requests", images, len(jobs))
         return [(output, images) for output in outputs]
 
     def _on_step(self, step: int, total: int, jobs: list[ImageJob], latents: Any) -> None:
         """Progress of the running pipeline call: debug log per request, and metrics."""
+        self._steps_left = total - (step + 1)
         self.metrics.steps.inc(count_images(jobs))
         self.metrics.progress.set((step + 1) / total)
         if logger.isEnabledFor(logging.DEBUG):

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = "images"
 MODEL = "ImageModel-flux-kontext-tiny"
 INGRESS = "ImagesIngress"
-WORKER = {"num_cpus": 1, "resources": {"model_node": 1}}
+# `worker_node` lets a test move the ingress off the head (url images read through another node).
+WORKER = {"num_cpus": 1, "resources": {"model_node": 1, "worker_node": 1}}
 
 
 def cluster_config(port: int, cache_dir: str, images_dir: str) -> dict:
@@ -43,6 +44,10 @@ def replicas(deployment: str) -> list[dict]:
     if app is None or deployment not in app["deployments"]:
         return []
     return app["deployments"][deployment]["replicas"]
+
+
+def deployment_config(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
 
 
 def running_nodes(deployment: str) -> list[str]:

@@ -10,7 +10,14 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.cluster.conftest import INGRESS, MODEL, replicas, running_nodes, wait_for
+from tests.cluster.conftest import (
+    INGRESS,
+    MODEL,
+    deployment_config,
+    replicas,
+    running_nodes,
+    wait_for,
+)
 from tests.conftest import pixels
 
 pytestmark = pytest.mark.integration
@@ -164,3 +171,159 @@ def test_rolling_updates_fail_no_request(serve_cluster):
         client.images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": 7}).data[0].b64_json
     )
     assert (pixels(before) != pixels(after)).any()  # the new setting is what runs now
+
+
+def _heavy(client: OpenAI) -> None:
+    """8 steps of four 512x512 images: ~11 work units (a 64x64 image at 2 steps is ~0.2)."""
+    client.images.generate(prompt=PROMPT, size="512x512", n=4, quality="high")
+
+
+def _light(client: OpenAI) -> None:
+    client.images.generate(prompt=PROMPT, size="64x64", quality="low")
+
+
+class Traffic:
+    """`threads` clients sending `request` back to back; the replica counts seen meanwhile."""
+
+    def __init__(self, serve_cluster, request, threads: int = 2) -> None:
+        self.serve_cluster, self.request = serve_cluster, request
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
+
+    def run(self) -> None:
+        client = sdk(self.serve_cluster)
+        while not self.stop.is_set():
+            try:
+                self.request(client)
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                self.failures.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def test_autoscaling_follows_denoising_work_not_request_counts(serve_cluster):
+    """Two clients of heavy requests: Serve's default policy (ongoing requests) stays at one
+    replica; WorkPolicy scales out; light traffic alone scales back in."""
+    config = copy.deepcopy(serve_cluster.config)
+    model = deployment_config(config, MODEL)
+    del model["num_replicas"]
+    fast = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 3,
+        "look_back_period_s": 2,
+        "metrics_interval_s": 0.5,
+    }
+    try:
+        model["autoscaling_config"] = {**fast, "target_ongoing_requests": 2}
+        serve_cluster.deploy(config)
+        serve_cluster.wait_replicas(1)
+        counts = []
+        with Traffic(serve_cluster, _heavy) as heavy:
+            for _ in range(30):  # 15 s of sustained heavy load
+                counts.append(len(running_nodes(MODEL)))
+                time.sleep(0.5)
+        assert not heavy.failures, heavy.failures[:3]
+        assert max(counts) == 1  # 2 ongoing requests meet the default policy's target
+
+        model["autoscaling_config"] = {
+            **fast,
+            "policy": {
+                "policy_function": "serve_app.autoscaling:WorkPolicy",
+                "policy_kwargs": {"target_work_per_replica": 8},
+            },
+        }
+        serve_cluster.deploy(config)
+        serve_cluster.wait_replicas(1)
+        with Traffic(serve_cluster, _heavy) as heavy:
+            serve_cluster.wait_replicas(2, timeout_s=90)  # ~11 units in flight per request
+        assert not heavy.failures, heavy.failures[:3]
+        with Traffic(serve_cluster, _light) as light:
+            serve_cluster.wait_replicas(1, timeout_s=90)  # ~0.5 units: one replica is enough
+        assert not light.failures, light.failures[:3]
+    finally:
+        serve_cluster.deploy()
+
+
+def test_url_images_written_on_one_node_are_read_through_another(serve_cluster):
+    """Signed url images written by the ingress on the head are served by an ingress on a worker
+    node (a shared directory, as a shared mount), and S3 links (a moto server) stay valid."""
+    from moto.server import ThreadedMotoServer
+
+    def moved_ingress(config: dict, resource: str) -> dict:
+        moved = copy.deepcopy(config)
+        ingress = deployment_config(moved, INGRESS)
+        ingress["ray_actor_options"] = {"num_cpus": 0, "resources": {resource: 0.01}}
+        return moved
+
+    def url_images(n: int = 2) -> list[tuple[str, bytes]]:
+        result = sdk(serve_cluster).images.generate(
+            prompt=PROMPT, size="64x64", n=n, response_format="url"
+        )
+        return [(item.url, httpx.get(item.url, timeout=30).content) for item in result.data]
+
+    def on_worker(config: dict) -> None:
+        serve_cluster.deploy(moved_ingress(config, "worker_node"))
+        worker_ids = {worker.node_id for worker in serve_cluster.workers}
+        wait_for(lambda: set(running_nodes(INGRESS)) <= worker_ids and running_nodes(INGRESS),
+                 120, "the ingress on a worker node")  # fmt: skip
+
+    try:
+        serve_cluster.deploy()
+        assert running_nodes(INGRESS) == [serve_cluster.head_id]
+        written = url_images()
+        assert all(content[:8] == b"\x89PNG\r\n\x1a\n" for _, content in written)
+        assert len(list(serve_cluster.images_dir.iterdir())) >= 2
+        on_worker(serve_cluster.config)
+        for url, content in written:
+            response = httpx.get(url, timeout=30)
+            assert response.status_code == 200 and response.content == content
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                   "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint, **_aws_kwargs(aws)).create_bucket(
+                Bucket="images"
+            )
+            s3 = copy.deepcopy(serve_cluster.config)
+            app = s3["applications"][0]
+            app["args"]["storage"] = {"backend": "s3", "s3_bucket": "images",
+                                      "s3_endpoint_url": endpoint}  # fmt: skip
+            app["runtime_env"]["env_vars"].update(aws)
+            on_worker(s3)
+            written = url_images()
+            assert all("X-Amz-Signature" in url for url, _ in written)
+            serve_cluster.deploy(s3)  # the ingress back on the head
+            assert running_nodes(INGRESS) == [serve_cluster.head_id]
+            for url, content in written:
+                response = httpx.get(url, timeout=30)
+                assert response.status_code == 200 and response.content == content
+            assert url_images(1)[0][1][:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            server.stop()
+    finally:
+        serve_cluster.deploy()
+
+
+def _aws_kwargs(env: dict) -> dict:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }

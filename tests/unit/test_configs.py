@@ -9,7 +9,9 @@ from ray.serve._private.utils import import_attr
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
+from serve_app.autoscaling import job_work
 from serve_app.config import AppArgs, BatchingConfig
+from tests.conftest import make_job
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -64,7 +66,13 @@ def test_production_config_runs_flux_kontext_on_gpus():
     deployment = next(d for d in app["deployments"] if d["name"] == model.deployment_name)
     assert deployment["ray_actor_options"]["num_gpus"] == 1
     batch = deployment["user_config"]["max_batch_images"]
-    assert deployment["autoscaling_config"]["target_ongoing_requests"] == batch
+    # Scaled on work: the target is a full batch of the default size at the default steps.
+    policy = deployment["autoscaling_config"]["policy"]
+    assert policy["policy_function"] == "serve_app.autoscaling:WorkPolicy"
+    full_batch = job_work(
+        make_job(width=1024, height=1024, steps=model.quality_steps.high, seeds=tuple(range(batch)))
+    )
+    assert policy["policy_kwargs"]["target_work_per_replica"] == full_batch
     assert deployment["max_ongoing_requests"] >= batch
     assert deployment["max_queued_requests"] > 0
     assert deployment["autoscaling_config"]["downscale_delay_s"] >= 300

@@ -88,3 +88,42 @@ def test_health_fails_when_a_call_hangs_or_the_model_is_gone(model):
     finally:
         model.engine.pipe = pipe
     model.check_health()
+
+
+def test_the_replica_reports_the_work_it_holds(model):
+    """`record_autoscaling_stats` (what WorkPolicy scales on): queued work while a call runs,
+    running work that shrinks with the steps done, nothing once idle; a measured wait."""
+    from serve_app.autoscaling import job_work
+
+    model.reconfigure({"max_batch_images": 1, "batch_wait_timeout_s": 0})
+    seen = []
+    original = model._on_step
+
+    def on_step(step, total, jobs, latents):
+        original(step, total, jobs, latents)
+        seen.append(model.autoscaling_stats())
+
+    model._on_step = on_step
+    first, second = job("first"), make_job(request_id="second", width=128, steps=4, seeds=(1,))
+
+    async def scenario():
+        return await asyncio.gather(model.generate(first), model.generate(job("third")))
+
+    try:
+        asyncio.run(model.generate(job("warm")))
+        seen.clear()
+        asyncio.run(scenario())
+    finally:
+        model._on_step = original
+        model.reconfigure({})
+    text = model.config.max_sequence_length
+    # During the first call (2 steps): the second job queued, the first running.
+    assert seen[0] == {
+        "queued_work": job_work(job("third"), text),
+        "running_work": job_work(first, text, 1),
+    }
+    assert seen[1]["running_work"] == 0  # last step done
+    idle = asyncio.run(model.record_autoscaling_stats())  # what Ray Serve calls
+    assert idle == {"queued_work": 0, "running_work": 0}
+    assert model._work_per_s > 0
+    assert job_work(second, text) > job_work(first, text)  # bigger and longer: more work
