@@ -77,6 +77,7 @@ class Recorder:
         self.calls.append((value, tags))
 
     observe = inc
+    set = inc
 
 
 class RecordingMetrics:

@@ -9,6 +9,7 @@ from serve_app.contract import APIError
 from serve_app.engine import FluxEngine
 from serve_app.model import ImageModel
 from tests.conftest import make_job
+from tests.unit.conftest import Recorder
 
 BROKEN_WIDTH = 128
 
@@ -104,6 +105,8 @@ def test_the_replica_reports_the_work_it_holds(model):
         seen.append(model.autoscaling_stats())
 
     model._on_step = on_step
+    metrics = (model.metrics.queued_work, model.metrics.estimated_wait)
+    model.metrics.queued_work, model.metrics.estimated_wait = Recorder(), Recorder()
     first, second = job("first"), make_job(request_id="second", width=128, steps=4, seeds=(1,))
 
     async def scenario():
@@ -112,11 +115,18 @@ def test_the_replica_reports_the_work_it_holds(model):
     try:
         asyncio.run(model.generate(job("warm")))
         seen.clear()
+        model.metrics.queued_work.calls.clear()
+        model.metrics.estimated_wait.calls.clear()
         asyncio.run(scenario())
+        queued_gauge, wait_gauge = model.metrics.queued_work, model.metrics.estimated_wait
     finally:
         model._on_step = original
+        model.metrics.queued_work, model.metrics.estimated_wait = metrics
         model.reconfigure({})
     text = model.config.max_sequence_length
+    # The same numbers as metrics: queue depth in work units, and a wait from the measured rate.
+    assert queued_gauge.calls[0][0] == seen[0]["queued_work"] > 0
+    assert wait_gauge.calls[0][0] > 0
     # During the first call (2 steps): the second job queued, the first running.
     assert seen[0] == {
         "queued_work": job_work(job("third"), text),
