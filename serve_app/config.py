@@ -385,6 +385,11 @@ class AppArgs(StrictModel):
         "`deployments:` entry's `user_config` overrides it per deployment.",
     )
     max_n: int = Field(10, ge=1, le=100, description="Largest `n` a request may ask for.")
+    playground: bool = Field(
+        True,
+        description="Serve the browser playground at `/` and `/playground` (a static page that "
+        "uses the public API; it holds no secrets, so it is served without a key).",
+    )
     access_log: bool = Field(
         True,
         description="Ray Serve's per-request access log lines in the proxy and each replica "

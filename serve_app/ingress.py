@@ -25,6 +25,7 @@ from serve_app.contract import GenerationResult, ImageJob
 from serve_app.http.errors import error_response
 from serve_app.http.meta import MetaRoutes, ModelStatus
 from serve_app.http.middleware import RequestFrame, current_request_id
+from serve_app.http.playground import PlaygroundRoutes
 from serve_app.http.service import ImagesService, ModelClient, ModelStream
 from serve_app.metrics import IngressMetrics
 from serve_app.storage import FILES_ROUTE, cleanup_forever, make_store
@@ -82,7 +83,7 @@ class ImagesIngress:
 
     def routes(self) -> list[tuple[str, str, object]]:
         """The route table: path, method, handler."""
-        return [
+        routes = [
             ("/v1/images/generations", "POST", self.images.create_generation),
             ("/v1/images/edits", "POST", self.images.create_edit),
             ("/v1/images/variations", "POST", self.images.create_variation),
@@ -92,6 +93,14 @@ class ImagesIngress:
             ("/health", "GET", self.meta.health),
             ("/openapi.json", "GET", self.meta.openapi),
         ]
+        if self.args.playground:
+            playground = PlaygroundRoutes()
+            routes += [
+                ("/", "GET", playground.page),
+                ("/playground", "GET", playground.page),
+                ("/playground/{name}", "GET", playground.asset),
+            ]
+        return routes
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes = [

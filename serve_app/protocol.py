@@ -177,11 +177,24 @@ class ImagesResponse(BaseModel):
     usage: Usage
 
 
+class ModelLimits(BaseModel):
+    """Extension: what a request to this model may ask for (the playground shows it)."""
+
+    min_side: int
+    max_side: int
+    max_pixels: int
+    max_n: int
+    default_size: str
+    sizes: list[str] = Field(description="The model's preferred `WxH` resolutions.")
+    quality_steps: dict[str, int] = Field(description="Denoising steps per `quality`.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
     created: int
     owned_by: str = "serve_app"
+    limits: ModelLimits | None = Field(None, description="Extension: this model's limits.")
 
 
 class ModelList(BaseModel):

@@ -121,6 +121,7 @@ class Bench:
         import torch
 
         self.engine = None
+        torch._dynamo.reset()  # compiled code holds on to the modules it was compiled for
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -241,6 +242,23 @@ class Bench:
         self.step(
             "batches", self.estimate(sum(self.batch_sizes(self.args.batches)) + 4), self.batches
         )
+        self.switches_on_plain_weights(compile_s)
+        if {"fp8-compile", "fp8-compile-cache"} & self.only:
+            self.step("fp8-compile", self.estimate(2, compile_s + 30), self.fp8)
+            if self.engine is not None and self.engine.config.speed.quantization == "fp8":
+                self.step(
+                    "fp8-compile-cache",
+                    self.estimate(1.5, 60),
+                    self.switch(lambda: _enable_cache(self.engine.pipe.transformer)),
+                )
+        self.unload()
+        print(self.table())
+        print(f"\nwrote {self.args.out} and {Path(self.args.out).with_suffix('.md')}")
+        return self.result()
+
+    def switches_on_plain_weights(self, compile_s: float) -> None:
+        """Cache and attention backends (undone after each), then compile (in place, last).
+        A method, so nothing keeps these weights once the engine lets them go."""
         transformer = self.engine.pipe.transformer
         self.step("cache", self.estimate(2), self.switch(lambda: _enable_cache(transformer)))
         if transformer.is_cache_enabled:
@@ -250,19 +268,6 @@ class Bench:
             self.step(f"attention:{backend}", self.estimate(), self.switch(setup))
             transformer.set_attention_backend("native")
         self.step("compile", self.estimate(2.5, compile_s), self.switch(self.compile))
-        if {"fp8-compile", "fp8-compile-cache"} & self.only:
-            self.step("fp8-compile", self.estimate(2, compile_s + 30), self.fp8)
-            if self.engine is not None and self.engine.config.speed.quantization == "fp8":
-                transformer = self.engine.pipe.transformer
-                self.step(
-                    "fp8-compile-cache",
-                    self.estimate(1.5, 60),
-                    self.switch(lambda: _enable_cache(transformer)),
-                )
-        self.unload()
-        print(self.table())
-        print(f"\nwrote {self.args.out} and {Path(self.args.out).with_suffix('.md')}")
-        return self.result()
 
     def plain(self) -> dict:
         row = {"load_s": self.load_s, **self.switch()()}

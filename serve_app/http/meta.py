@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from serve_app.config import AppArgs
 from serve_app.contract import APIError
 from serve_app.openapi import openapi_document
-from serve_app.protocol import ModelCard, ModelList
+from serve_app.protocol import ModelCard, ModelLimits, ModelList
 from serve_app.storage import ImageStore
 
 
@@ -33,13 +33,25 @@ StatusProbe = Callable[[], dict[str, ModelStatus]]
 class MetaRoutes:
     def __init__(self, args: AppArgs, store: ImageStore, statuses: StatusProbe) -> None:
         self.model_ids = [model.id for model in args.models]
+        self.limits = {
+            model.id: ModelLimits(
+                min_side=model.min_side,
+                max_side=model.max_side,
+                max_pixels=model.max_pixels,
+                max_n=args.max_n,
+                default_size=model.default_size,
+                sizes=model.preferred_resolutions,
+                quality_steps=model.quality_steps.model_dump(),
+            )
+            for model in args.models
+        }
         self.store = store
         self.statuses = statuses
         self.created = int(time.time())
         self._openapi = openapi_document(args)
 
     async def list_models(self, request: Request) -> Response:
-        cards = [ModelCard(id=model_id, created=self.created) for model_id in self.model_ids]
+        cards = [self._card(model_id) for model_id in self.model_ids]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     async def get_model(self, request: Request) -> Response:
@@ -51,7 +63,10 @@ class MetaRoutes:
                 param="model",
                 code="model_not_found",
             )
-        return JSONResponse(ModelCard(id=model_id, created=self.created).model_dump())
+        return JSONResponse(self._card(model_id).model_dump())
+
+    def _card(self, model_id: str) -> ModelCard:
+        return ModelCard(id=model_id, created=self.created, limits=self.limits[model_id])
 
     async def get_file(self, request: Request) -> Response:
         """A `url` image behind its signed link (local storage; S3 links point at the bucket)."""
