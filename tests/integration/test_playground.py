@@ -155,6 +155,11 @@ def test_generate_shows_previews_then_the_image_the_sdk_gets(browser, base_url, 
         assert page.page.evaluate("window.previews") == 2
         [image] = page.gallery()
         assert "seed 42" in page.page.inner_text("#gallery figcaption")
+        page.page.fill("#seed", "")
+        page.page.click("#gallery button.seed")  # click a seed to reuse it
+        assert page.page.input_value("#seed") == "42"
+        link = page.page.locator("#gallery a[download]")
+        assert link.get_attribute("download") == "image-42.png"
         assert "usage:" in page.page.inner_text("#usage") and "total" in page.page.inner_text(
             "#usage"
         )
@@ -217,6 +222,29 @@ def test_edit_with_a_painted_mask(browser, base_url, tmp_path):
     assert out.shape == original.shape
     assert np.array_equal(out[alpha == 255], original[alpha == 255])
     assert (out[clear] != original[clear]).any()
+
+
+def test_variations_from_the_keyboard(browser, base_url, tmp_path):
+    """Variations of an uploaded image, the form driven by the keyboard alone."""
+    source = noise_png(tmp_path / "source.png", size=64)
+    page = Page(browser, base_url)
+    try:
+        page.models()
+        page.page.check('input[name="mode"][value="variation"]')
+        page.page.set_input_files("#images", str(source))
+        page.page.focus("#n")
+        page.page.keyboard.press("Control+A")
+        page.page.keyboard.type("2")
+        page.page.focus("#submit")
+        page.page.keyboard.press("Enter")
+        page.status("Done")
+        images = page.gallery()
+        page.shot("variations")
+    finally:
+        page.close()
+    assert page.errors == []
+    assert len(images) == 2 and images[0].size == images[1].size
+    assert not np.array_equal(rgb(images[0]), rgb(images[1]))  # seeds seed and seed + 1
 
 
 def test_a_bad_custom_size_shows_the_servers_error_next_to_the_field(browser, base_url, http):
