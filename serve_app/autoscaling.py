@@ -51,11 +51,20 @@ class WorkPolicy:
         self.target = target_work_per_replica
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        work = sum(sum(ctx.aggregated_metrics.get(name, {}).values()) for name in WORK_METRICS)
+        reported = sum(sum(ctx.aggregated_metrics.get(name, {}).values()) for name in WORK_METRICS)
+        # Requests past the replicas' max_ongoing_requests wait in the handles, unreported:
+        # count them at the replicas' average work per request.
+        waiting = getattr(ctx, "total_queued_requests", 0) or 0
+        at_replicas = max(getattr(ctx, "total_running_requests", 0) or 0, 1)
+        work = reported + waiting * reported / at_replicas
         replicas = desired_replicas(
             work,
             self.target,
             ctx.capacity_adjusted_min_replicas,
             ctx.capacity_adjusted_max_replicas,
         )
+        if waiting and not reported:  # queued work of unknown size: at least one more replica
+            replicas = min(
+                max(replicas, ctx.current_num_replicas + 1), ctx.capacity_adjusted_max_replicas
+            )
         return replicas, {"work": work}

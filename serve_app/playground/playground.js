@@ -91,10 +91,21 @@ function updateMode() {
 function setFiles(files) {
   state.files = [...files].filter((f) => f.type.startsWith("image/"));
   state.image = null;
-  if (!state.files.length) { updateMode(); return; }
+  state.mask = null; // a mask belongs to the image it was painted on
+  state.painted = false;
+  $("image-error").textContent = "";
+  updateMode();
+  if (!state.files.length) return;
+  const file = state.files[0];
   const image = new Image();
-  image.onload = () => { state.image = image; resetMask(); updateMode(); };
-  image.src = URL.createObjectURL(state.files[0]);
+  image.onload = () => {
+    if (state.files[0] !== file) return; // another choice came since
+    state.image = image;
+    resetMask();
+    updateMode();
+  };
+  image.onerror = () => { $("image-error").textContent = `${file.name}: not an image this browser can show.`; };
+  image.src = URL.createObjectURL(file);
 }
 
 function resetMask() {
@@ -250,6 +261,11 @@ function commonFields() {
 
 async function buildRequest() {
   const current = mode();
+  const seed = $("seed").value.trim();
+  if (seed !== "" && !(/^[0-9]+$/.test(seed) && Number.isSafeInteger(Number(seed)))) {
+    // JavaScript numbers would change a larger seed; the API itself takes up to 2^63 - 1.
+    return { error: { error: { message: "Use a whole seed up to 9007199254740991 here.", param: "seed" } } };
+  }
   const fields = commonFields();
   if (current !== "variation") {
     Object.assign(fields, {
@@ -321,6 +337,10 @@ async function submit(event) {
       body.data.forEach((item, i) => addToGallery(item, body.output_format || "png", i));
       usage = body.usage;
       count = body.data.length;
+    }
+    if (count === 0) {
+      showError({ error: { message: "The server ended the response without an image." } });
+      return;
     }
     timings.total = (performance.now() - started) / 1000;
     showUsage(usage, timings);

@@ -98,10 +98,17 @@ class ServeCluster:
 
     def deploy(self, config: dict | None = None) -> None:
         """What `serve deploy` does: the declarative path (user_config changes apply in place)."""
+        from ray import serve
         from ray.serve.schema import ServeDeploySchema
 
+        def deployed_at() -> float | None:
+            status = serve.status().applications.get(APP)
+            return status.last_deployed_time_s if status else None
+
+        before = deployed_at()
         self.client.deploy_apps(ServeDeploySchema.model_validate(config or self.config))
-        time.sleep(1)
+        # The controller has taken the new config, then the app runs it.
+        wait_for(lambda: deployed_at() != before, 60, "the controller to take the config")
         wait_for(app_running, what="the app to run")
 
     def wait_replicas(self, count: int, timeout_s: float = 180) -> list[str]:

@@ -38,6 +38,15 @@ def test_policy_sums_queued_and_running_work_over_replicas():
         capacity_adjusted_max_replicas=5,
     )
     assert policy(ctx) == (3, {"work": 210.0})
+    # Requests waiting in the handles (past max_ongoing_requests) count at the average work of
+    # those at the replicas: 210 units over 6 requests, 6 more waiting -> 420 -> 5 replicas.
+    queued = SimpleNamespace(**vars(ctx), total_queued_requests=6, total_running_requests=6)
+    assert policy(queued) == (5, {"work": 420.0})
+    unknown = SimpleNamespace(
+        aggregated_metrics={}, total_queued_requests=3, total_running_requests=0,
+        current_num_replicas=1, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=5,
+    )  # fmt: skip
+    assert policy(unknown)[0] == 2
     idle = SimpleNamespace(
         aggregated_metrics={}, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=5
     )
