@@ -13,13 +13,15 @@ import logging
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppArgs, ModelConfig
+from serve_app.config import AppArgs, JobsConfig, ModelConfig
 from serve_app.ingress import ImagesIngress
 from serve_app.model import ImageModel
 
 logger = logging.getLogger("ray.serve")
 
 INGRESS_NAME = "ImagesIngress"
+CONSUMER_NAME = "ImageJobConsumer"
+REDIS_NAME = "EmbeddedRedis"
 
 
 def model_deployment_options(args: AppArgs, model: ModelConfig) -> dict:
@@ -37,6 +39,66 @@ def model_deployment_options(args: AppArgs, model: ModelConfig) -> dict:
         "health_check_timeout_s": 120,
         "logging_config": logging_config(args),
     }
+
+
+def job_deployments(args: AppArgs, model_apps: dict):
+    """The job consumer (Ray Serve task consumer; scales on the queue's length with Ray's
+    async-inference policy) and, for `serve run`, the embedded Redis it and the ingress use.
+
+    The Redis URL is resolved once, here, and handed to every deployment in their args, so all
+    of them (and the embedded server's password) agree wherever they run."""
+    from ray.serve.task_consumer import task_consumer
+
+    from serve_app.jobs.consumer import ImageJobConsumer
+    from serve_app.jobs.queue import redis_url, task_processor_config, uses_embedded
+
+    jobs: JobsConfig = args.jobs
+    url = redis_url(jobs)
+    if url is None:
+        logger.warning(
+            "jobs: no Redis (jobs.redis_url / $%s unset, jobs.embedded off): job requests "
+            "will get 503",
+            jobs.redis_url_env,
+        )
+        return args, None
+    embedded = None
+    if uses_embedded(jobs):
+        from serve_app.jobs.queue import embedded_dir
+        from serve_app.jobs.redis_server import EmbeddedRedis
+
+        embedded = serve.deployment(
+            EmbeddedRedis,
+            name=REDIS_NAME,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            health_check_period_s=2,  # restarts a dead redis-server within seconds
+            logging_config=logging_config(args),
+        ).bind(url, jobs.embedded_port, str(embedded_dir()))
+    jobs = jobs.model_copy(update={"redis_url": url})
+    resolved_args = args.model_copy(update={"jobs": jobs})
+    consumer = serve.deployment(
+        task_consumer(task_processor_config=task_processor_config(jobs, url))(ImageJobConsumer),
+        name=CONSUMER_NAME,
+        ray_actor_options={"num_cpus": 0},  # it forwards jobs; the model replicas compute
+        max_ongoing_requests=16,  # jobs in flight per consumer: enough to fill batches
+        graceful_shutdown_timeout_s=300,  # running jobs finish before a replica goes
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": 16,
+            "policy": {
+                "policy_function": "ray.serve.async_inference_autoscaling_policy:"
+                "AsyncInferenceAutoscalingPolicy",
+                "policy_kwargs": {
+                    "broker_url": url,
+                    "queue_name": jobs.queue_name,
+                    "poll_interval_s": 5,
+                },
+            },  # fmt: skip
+        },
+        logging_config=logging_config(args),
+    )
+    return resolved_args, consumer.bind(resolved_args.model_dump(), model_apps, embedded)
 
 
 def logging_config(args: AppArgs) -> dict:
@@ -60,4 +122,7 @@ def build_app(args: AppArgs | dict | None = None) -> Application:
         max_ongoing_requests=256,
         logging_config=logging_config(app_args),
     )
-    return ingress.bind(app_args.model_dump(), model_apps)
+    consumer = None
+    if app_args.jobs.enabled:
+        app_args, consumer = job_deployments(app_args, model_apps)
+    return ingress.bind(app_args.model_dump(), model_apps, job_consumer=consumer)

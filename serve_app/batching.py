@@ -12,7 +12,8 @@ from serve_app.contract import ImageJob
 
 
 def group_key(job: ImageJob) -> Hashable:
-    """Jobs with equal keys produce equal-shaped tensors and can share one pipeline call."""
+    """Jobs with equal keys produce equal-shaped tensors and can share one pipeline call (and
+    the same weights: LoRA adapters and their scales apply to the whole call)."""
     return (
         job.width,
         job.height,
@@ -20,6 +21,7 @@ def group_key(job: ImageJob) -> Hashable:
         job.guidance,
         tuple(getattr(image, "size", ()) for image in job.conditioning),
         job.masked,  # masked edits run in the inpaint pipeline
+        job.adapters,
     )
 
 

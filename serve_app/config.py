@@ -89,6 +89,55 @@ class SpeedConfig(StrictModel):
     )
 
 
+class LoraConfig(StrictModel):
+    """LoRA adapters for one model: where they are found, and how many a request and a replica
+    may use. Adapters are `<name>.safetensors` files (diffusers/PEFT or kohya format); a request
+    names them, never a path or URL."""
+
+    dirs: list[str] = Field(
+        default_factory=list,
+        description="Local directories searched in order for `<name>.safetensors` (`~` and "
+        "`$VARS` expand). On a cluster, a directory every node mounts.",
+    )
+    s3_prefix: str | None = Field(
+        None,
+        description="`s3://bucket/prefix/` searched after `dirs`; replicas download an adapter "
+        "once per version (ETag) into the cache directory.",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for `s3`.")
+    s3_region: str | None = Field(None, description="Region for `s3`.")
+    max_per_request: int = Field(
+        3, ge=1, le=16, description="Most adapters one request may combine."
+    )
+    min_scale: float = Field(-4.0, description="Smallest allowed adapter `scale`.")
+    max_scale: float = Field(4.0, description="Largest allowed adapter `scale`.")
+    max_loaded: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Adapter sets a replica keeps loaded (a set of one is one adapter); "
+        "loading one more unloads the least recently used. Ray Serve routes a request to a "
+        "replica that holds its set.",
+    )
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _check_s3_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"s3://[^/]+/?.*", value):
+            raise ValueError(f"s3_prefix must look like s3://bucket/prefix/, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_scales(self) -> LoraConfig:
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"lora.min_scale {self.min_scale} > max_scale {self.max_scale}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dirs or self.s3_prefix)
+
+
 class ModelConfig(StrictModel):
     """One served model: where its weights come from and how requests map onto it."""
 
@@ -176,6 +225,9 @@ class ModelConfig(StrictModel):
         None,
         ge=1,
         description="torch intra-op threads in the replica; default: the CPUs Ray gave it.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA adapters (off until a source is set)."
     )
 
     @model_validator(mode="before")
@@ -371,6 +423,72 @@ class StorageConfig(StrictModel):
         return self
 
 
+class WebhookConfig(StrictModel):
+    """Where finished jobs may be POSTed, and how the deliveries are signed."""
+
+    secret_env: str = Field(
+        "SERVE_APP_WEBHOOK_SECRET",
+        description="Environment variable holding the signing secret (Standard Webhooks: "
+        "`whsec_` + base64, or any text). Unset: `webhook_url` is refused.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a `webhook_url` may name (`example.com`, `*.example.com`); empty: "
+        "any host with a public address.",
+    )
+    allow_private: bool = Field(
+        False,
+        description="Allow private, loopback and link-local addresses (tests, a private "
+        "network). Off: such destinations are refused at submission and again at delivery.",
+    )
+    timeout_s: float = Field(10, gt=0, le=120, description="Per delivery attempt.")
+    max_attempts: int = Field(
+        5, ge=1, le=20, description="Attempts per event, with exponential backoff from 1 s."
+    )
+
+
+class JobsConfig(StrictModel):
+    """Asynchronous jobs (`Prefer: respond-async`): Ray Serve task consumers on Redis."""
+
+    enabled: bool = Field(True, description="Serve `Prefer: respond-async` and `/v1/images/jobs`.")
+    redis_url: str | None = Field(
+        None,
+        description="Broker, result store and job state. Unset: `$<redis_url_env>` if set, "
+        "else an embedded `redis-server` the app starts (data under the cache directory).",
+    )
+    redis_url_env: str = Field(
+        "SERVE_APP_REDIS_URL", description="Environment variable read when `redis_url` is unset."
+    )
+    embedded: bool = Field(
+        True,
+        description="With no URL, start a local `redis-server` (one machine: `serve run`). "
+        "Turn off on clusters: with no URL, job requests then get 503 saying what to set.",
+    )
+    embedded_port: int = Field(
+        6390, ge=1, le=65535, description="Port of the embedded Redis on 127.0.0.1."
+    )
+    queue_name: str = Field("serve_app_images", min_length=1, description="Celery queue.")
+    max_queued: int = Field(
+        1000, ge=1, description="Most jobs waiting; a submission past it gets 429 + Retry-After."
+    )
+    result_ttl_s: int = Field(
+        24 * 3600, ge=60, description="How long a finished job and its images are kept."
+    )
+    max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a job whose model replica failed mid-call."
+    )
+    retry_backoff_max_s: int = Field(
+        30, ge=1, le=600, description="Longest wait before a retry (exponential from 1 s)."
+    )
+    visibility_timeout_s: int = Field(
+        900,
+        ge=10,  # longer than a consumer's heartbeat takes to go stale (serve_app/jobs/store.py)
+        description="A job taken by a consumer that died is handed out again after this long "
+        "(Redis broker); a job running longer is not run twice (heartbeats).",
+    )
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Webhooks.")
+
+
 class AppArgs(StrictModel):
     """Arguments of `serve_app.app:build_app` (the `args:` of a serve config)."""
 
@@ -401,6 +519,9 @@ class AppArgs(StrictModel):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys (off by default).")
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Storage for `response_format=url`."
+    )
+    jobs: JobsConfig = Field(
+        default_factory=JobsConfig, description="Asynchronous jobs and webhooks."
     )
 
     @model_validator(mode="after")

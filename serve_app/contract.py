@@ -77,6 +77,20 @@ class GenerationCancelled(RuntimeError):
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """One LoRA adapter a job runs with: its registry name and its weight."""
+
+    name: str
+    scale: float = 1.0
+
+
+def adapter_set_id(adapters: tuple[AdapterRef, ...]) -> str:
+    """The adapter set as Ray Serve's multiplexed model id: names only (a replica that holds
+    the set serves any scales), sorted, joined by `+` (never in a name); "" for none."""
+    return "+".join(sorted(adapter.name for adapter in adapters))
+
+
+@dataclass(frozen=True)
 class ImageJob:
     """One request's work for the model: a prompt, a geometry and one seed per image.
 
@@ -85,6 +99,8 @@ class ImageJob:
     size) and ``mask`` (L mode, 255 = editable). ``preview_steps`` are the denoising steps after
     which a streaming request wants previews. ``first_image_index`` is the position of this job's
     first image in its request (a request split into chunks keeps its image numbering).
+    ``adapters`` are the LoRA adapters to apply, sorted by name (only jobs with equal adapters
+    and scales share a call).
 
     The last three fields are set inside the model replica and never cross a process boundary:
     ``events`` receives the job's `PreviewImages` from the engine's step callback, ``cancel`` is
@@ -106,6 +122,8 @@ class ImageJob:
     mask: Any = None
     preview_steps: tuple[int, ...] = ()
     first_image_index: int = 0
+    adapters: tuple[AdapterRef, ...] = ()  # sorted by name; empty = the base weights
+    report_progress: bool = False  # streaming: send `Progress` after every denoising step
     events: Callable[[PreviewImages], None] | None = field(default=None, compare=False, repr=False)
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
     received_at: float = field(default=0.0, compare=False)
@@ -121,6 +139,10 @@ class ImageJob:
     @property
     def masked(self) -> bool:
         return self.mask is not None
+
+    @property
+    def adapter_set(self) -> str:
+        return adapter_set_id(self.adapters)
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,7 @@ class GenerationResult:
     images: list[bytes]
     text_tokens: int
     batch_sizes: list[int]  # images in each pipeline call this request's chunks ran in
+    served_by: str = ""  # the replica that ran it (Ray Serve replica id)
 
 
 @dataclass(frozen=True)
@@ -162,10 +185,22 @@ class PartialImage:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """Stream event (jobs that ask for it): `step` of `total` denoising steps are done."""
+
+    step: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
 class Completed:
     """Last stream event: the whole result, as `generate` would have returned it."""
 
     result: GenerationResult
 
 
-StreamEvent = Accepted | PartialImage | Completed
+StreamEvent = Accepted | PartialImage | Progress | Completed

@@ -18,11 +18,14 @@ from serve_app.config import (
     AppArgs,
     AuthConfig,
     BatchingConfig,
+    JobsConfig,
+    LoraConfig,
     ModelConfig,
     QualitySteps,
     SpeedConfig,
     StorageConfig,
     UploadLimits,
+    WebhookConfig,
 )
 from serve_app.protocol import ImageGenerationRequest
 
@@ -75,11 +78,14 @@ def _config_tables() -> str:
             "Each entry of `models:`\n\n" + fields_table(ModelConfig),
             "`quality_steps:`\n\n" + fields_table(QualitySteps),
             "`speed:`\n\n" + fields_table(SpeedConfig),
+            "`lora:` (per model)\n\n" + fields_table(LoraConfig),
             "`batching:` (and a model deployment's `user_config`)\n\n"
             + fields_table(BatchingConfig),
             "`limits:`\n\n" + fields_table(UploadLimits),
             "`storage:`\n\n" + fields_table(StorageConfig),
             "`auth:`\n\n" + fields_table(AuthConfig),
+            "`jobs:`\n\n" + fields_table(JobsConfig),
+            "`jobs.webhooks:`\n\n" + fields_table(WebhookConfig),
         ]
     )
 

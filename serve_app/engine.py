@@ -36,6 +36,10 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do about it."""
 
 
+class AdapterLoadError(ValueError):
+    """An adapter file is unreadable or does not fit this model; the message says which."""
+
+
 def resolve_device(config: ModelConfig) -> str:
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,6 +88,9 @@ class FluxEngine:
         self.inpaint_pipe = None
         self._velocity = None  # the transformer's latest prediction, for preview estimates
         self._preview_projection = None  # latent_rgb previews: (17, 3) latent -> RGB
+        # LoRA adapters loaded into the pipeline: replaced (never mutated) by the pipeline
+        # thread, so other threads may read it at any time.
+        self.adapters: frozenset[str] = frozenset()
 
     def load(self) -> None:
         """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
@@ -214,6 +221,78 @@ class FluxEngine:
     def loaded(self) -> bool:
         return self.pipe is not None
 
+    # --- LoRA adapters. `read_adapter` is thread-safe (runs beside a pipeline call); the rest
+    # --- change the pipeline's modules, so they run on the pipeline's thread, between calls.
+
+    def read_adapter(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        """An adapter file as a state dict in diffusers' layout, checked against this model's
+        layers (so a mismatch is refused before anything is injected)."""
+        from diffusers import FluxKontextPipeline
+
+        try:
+            state, alphas = FluxKontextPipeline.lora_state_dict(path, return_alphas=True)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+            reason = str(exc).replace(path, f"{name}.safetensors")  # no server paths to clients
+            raise AdapterLoadError(
+                f"adapter {name!r} could not be read as a FLUX LoRA (.safetensors in the "
+                f"diffusers/PEFT or kohya format): {reason[:300]}"
+            ) from None
+        if not state:
+            raise AdapterLoadError(f"adapter {name!r} holds no LoRA weights")
+        self._check_adapter_shapes(name, state)
+        return {**state, **(alphas or {})}  # alphas keep their keys; load_lora_weights reads them
+
+    def _check_adapter_shapes(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        modules = dict(self.pipe.transformer.named_modules())
+        text_modules = dict(self.pipe.text_encoder.named_modules())
+        for key, tensor in state.items():
+            prefix, _, rest = key.partition(".")
+            owner = {"transformer": modules, "text_encoder": text_modules}.get(prefix)
+            for marker, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+                if owner is None or marker not in rest or tensor.ndim != 2:
+                    continue
+                module = owner.get(rest.split(marker)[0])
+                module = getattr(module, "base_layer", module)  # already wrapped by PEFT
+                expected = None
+                if isinstance(module, torch.nn.Linear):
+                    expected = module.in_features if dim == 1 else module.out_features
+                if expected is None or tensor.shape[dim] != expected:
+                    raise AdapterLoadError(
+                        f"adapter {name!r} does not fit model {self.config.id!r}: {key} has "
+                        f"shape {tuple(tensor.shape)}, the model's layer "
+                        f"{'is missing' if expected is None else f'has {expected} features'}"
+                    )
+
+    def add_adapter(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Inject a read adapter (inactive until a call asks for it)."""
+        try:
+            self.pipe.load_lora_weights(dict(state), adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - diffusers removes a half-injected adapter
+            raise AdapterLoadError(f"adapter {name!r} could not be loaded: {exc}") from None
+        self.adapters = self.adapters | {name}
+
+    def remove_adapters(self, names: Sequence[str]) -> None:
+        loaded = [name for name in names if name in self.adapters]
+        if loaded:
+            self.pipe.delete_adapters(loaded)
+            self.adapters = self.adapters - set(loaded)
+        if loaded and not self.adapters:
+            self.pipe.unload_lora_weights()  # the original layers back, no PEFT wrappers left
+
+    def _activate_adapters(self, job: ImageJob) -> None:
+        """The call's adapters at its scales, or the base weights exactly (PEFT layers disabled
+        run only the original layer)."""
+        missing = [a.name for a in job.adapters if a.name not in self.adapters]
+        if missing:  # never run an adapter request on other weights
+            raise RuntimeError(f"adapters {missing} are not loaded on this replica")
+        if not self.adapters:
+            return
+        if not job.adapters:
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([a.name for a in job.adapters], [a.scale for a in job.adapters])
+
     def count_text_tokens(self, prompt: str) -> int:
         """Tokens the T5 text encoder would see for `prompt`, end-of-sequence included."""
         return len(self.pipe.tokenizer_2(prompt, truncation=False).input_ids)
@@ -228,7 +307,9 @@ class FluxEngine:
         if len(keys) != 1:
             raise ValueError(f"jobs in one pipeline call must share a group key, got {keys}")
 
-        # 2. One prompt and one generator per image; CPU generators make seeds device-independent.
+        # 2. The call's LoRA adapters (or none); one prompt and one generator per image, CPU
+        #    generators so seeds give the same image on any device.
+        self._activate_adapters(first)
         prompts = [job.prompt for job in jobs for _ in job.seeds]
         generators = [
             torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds

@@ -23,12 +23,13 @@ from serve_app.auth import KeyStore
 from serve_app.config import AppArgs
 from serve_app.contract import GenerationResult, ImageJob
 from serve_app.http.errors import error_response
+from serve_app.http.jobs import JOBS_ROUTE, JobRoutes
 from serve_app.http.meta import MetaRoutes, ModelStatus
 from serve_app.http.middleware import RequestFrame, current_request_id
 from serve_app.http.playground import PlaygroundRoutes
 from serve_app.http.service import ImagesService, ModelClient, ModelStream
 from serve_app.metrics import IngressMetrics
-from serve_app.storage import FILES_ROUTE, cleanup_forever, make_store
+from serve_app.storage import FILES_ROUTE, JOB_FILES_ROUTE, cleanup_forever, make_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,11 +40,29 @@ class RayModelClient:
     def __init__(self, handle) -> None:
         self.handle = handle
 
+    def _for(self, job: ImageJob):
+        """The handle, routed by the job's adapter set (Serve model multiplexing: a replica
+        that holds the set gets the request when one exists)."""
+        if job.adapters:
+            return self.handle.options(multiplexed_model_id=job.adapter_set)
+        return self.handle
+
     async def generate(self, job: ImageJob) -> GenerationResult:
-        return await self.handle.generate.remote(job)
+        return await self._for(job).generate.remote(job)
 
     def stream(self, job: ImageJob) -> ModelStream:
-        return self.handle.options(stream=True).generate_stream.remote(job)
+        return self._for(job).options(stream=True).generate_stream.remote(job)
+
+    async def count_text_tokens(self, prompt: str) -> int:
+        """The model's token check, before a job is accepted. A replica too busy to answer
+        soon lets the job in unchecked (the job then fails with the same 400 if too long)."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await asyncio.wait_for(self.handle.count_text_tokens.remote(prompt), 10)
+        except (asyncio.TimeoutError, BackPressureError) as exc:
+            logger.warning("prompt not checked before queueing: %s", type(exc).__name__)
+            return 0
 
 
 class ImagesIngress:
@@ -55,18 +74,23 @@ class ImagesIngress:
         args: dict,
         model_handles: dict,
         client_factory: Callable[[Any], ModelClient] = RayModelClient,
+        job_consumer: Any = None,
     ) -> None:
+        """`job_consumer` is the job consumer deployment's handle, bound here so the app
+        deploys it; the ingress reaches it through Redis, never through the handle."""
         self.args = AppArgs.model_validate(args)
         memory.prefer_mmap()  # decoded images' memory goes back to the OS when freed
         self.store = make_store(self.args.storage)
         keys = KeyStore.from_config(self.args.auth)
         metrics = IngressMetrics()
         self.frame = RequestFrame(keys, self.args.limits.request_timeout_s, metrics)
+        self.jobs = JobRoutes(self.args) if self.args.jobs.enabled else None
         self.images = ImagesService(
             self.args,
             {model_id: client_factory(handle) for model_id, handle in model_handles.items()},
             self.store,
             metrics,
+            self.jobs,
         )
         self.meta = MetaRoutes(self.args, self.store, self._model_statuses)
         logger.info(
@@ -78,6 +102,8 @@ class ImagesIngress:
             loop = asyncio.get_running_loop()
             interval = self.args.storage.cleanup_interval_s
             self._cleanup_task = loop.create_task(cleanup_forever(self.store, interval))
+            if self.jobs is not None:
+                self._job_cleanup = loop.create_task(cleanup_forever(self.jobs.images, interval))
         except RuntimeError:  # constructed outside an event loop (tests): no background cleanup
             self._cleanup_task = None
 
@@ -93,6 +119,12 @@ class ImagesIngress:
             ("/health", "GET", self.meta.health),
             ("/openapi.json", "GET", self.meta.openapi),
         ]
+        if self.jobs is not None:
+            routes += [
+                (JOBS_ROUTE, "GET", self.jobs.list_jobs),
+                (JOB_FILES_ROUTE + "/{name}", "GET", self.jobs.get_file),
+                (JOBS_ROUTE + "/{job_id}", "GET,DELETE", self.jobs.job),
+            ]
         if self.args.playground:
             playground = PlaygroundRoutes()
             routes += [
@@ -104,7 +136,7 @@ class ImagesIngress:
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes = [
-            Route(path, self.frame.wrap(handler, path), methods=[method])
+            Route(path, self.frame.wrap(handler, path), methods=method.split(","))
             for path, method, handler in self.routes()
         ]
 

@@ -109,7 +109,31 @@ class ModelMetrics:
             "request would wait before its own call starts.",
             tags,
         )
+        adapter_tags = ("model", "adapter")
+        self.adapter_loads = _make(
+            "Counter", "serve_app_adapter_loads", "LoRA adapters loaded.", adapter_tags
+        )
+        self.adapter_evictions = _make(
+            "Counter",
+            "serve_app_adapter_evictions",
+            "LoRA adapters unloaded because their set was the least recently used.",
+            adapter_tags,
+        )
+        self.adapter_requests = _make(
+            "Counter", "serve_app_adapter_requests", "Requests per LoRA adapter.", adapter_tags
+        )
+        self.adapter_load_seconds = _make(
+            "Histogram",
+            "serve_app_adapter_load_seconds",
+            "Time to load one LoRA adapter (download, read, inject).",
+            tags,
+            boundaries=LATENCY_BUCKETS_S,
+        )
         for metric in (
+            self.adapter_loads,
+            self.adapter_evictions,
+            self.adapter_requests,
+            self.adapter_load_seconds,
             self.queue_wait,
             self.seconds_per_image,
             self.images_per_call,

@@ -39,8 +39,10 @@ from serve_app.contract import (
     ImageJob,
     PartialImage,
     PreviewImages,
+    Progress,
     StreamEvent,
 )
+from serve_app.lora import ReplicaAdapters
 from serve_app.memory_fit import batch_limit
 from serve_app.metrics import ModelMetrics
 
@@ -53,6 +55,15 @@ def _default_engine_cls():
     return FluxEngine
 
 
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve
+        return ""
+
+
 def _torch_threads(config: ModelConfig) -> int:
     """Threads for torch: configured, else the CPUs Ray assigned to this replica."""
     if config.torch_threads:
@@ -60,6 +71,8 @@ def _torch_threads(config: ModelConfig) -> int:
     try:
         import ray
 
+        if not ray.is_initialized():  # outside Ray: do not start it just to ask
+            raise RuntimeError("not in Ray")
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
     except Exception:  # noqa: BLE001 - outside Ray
         cpus = 0
@@ -102,6 +115,10 @@ class ImageModel:
         self._call_started: float | None = None  # monotonic start of the running pipeline call
         self._steps_left = 0  # of the running call
         self._work_per_s: float | None = None  # measured work rate (autoscaling work units)
+        self.adapters = ReplicaAdapters(
+            self.config, self.engine, self._pipeline_thread, self.metrics, self._busy_adapters
+        )
+        self.replica_id = _replica_id()
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
         )
@@ -146,6 +163,14 @@ class ImageModel:
         self.metrics.estimated_wait.set(wait)
         return {"queued_work": queued, "running_work": running}
 
+    def _busy_adapters(self) -> set[str]:
+        jobs = [*self.batches.queued(), *self.batches.running]
+        return {adapter.name for job in jobs for adapter in job.adapters}
+
+    def loaded_adapters(self) -> list[str]:
+        """The LoRA adapters loaded on this replica now (operators, tests)."""
+        return self.adapters.loaded()
+
     def check_health(self) -> None:
         """Unhealthy when the model is gone or a pipeline call hangs (e.g. a wedged GPU)."""
         if not self.engine.loaded:
@@ -184,7 +209,7 @@ class ImageModel:
         text_tokens = self.count_text_tokens(job.prompt)
         yield Accepted(text_tokens=text_tokens)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[PreviewImages] = asyncio.Queue()
+        queue: asyncio.Queue[PreviewImages | Progress] = asyncio.Queue()
         job = replace(
             job,
             events=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
@@ -198,17 +223,23 @@ class ImageModel:
                 if getter not in done:
                     getter.cancel()
                     break
-                for event in await asyncio.to_thread(self._encode_previews, job, getter.result()):
+                for event in await self._stream_events(job, getter.result()):
                     yield event
             while not queue.empty():
-                previews = queue.get_nowait()
-                for event in await asyncio.to_thread(self._encode_previews, job, previews):
+                for event in await self._stream_events(job, queue.get_nowait()):
                     yield event
             yield Completed(result=task.result())
         finally:
             if not task.done():
                 job.cancel.set()
                 task.cancel()
+
+    async def _stream_events(
+        self, job: ImageJob, event: PreviewImages | Progress
+    ) -> list[PartialImage | Progress]:
+        if isinstance(event, Progress):
+            return [event]
+        return await asyncio.to_thread(self._encode_previews, job, event)
 
     @staticmethod
     def _encode_previews(job: ImageJob, previews: PreviewImages) -> list[PartialImage]:
@@ -225,7 +256,9 @@ class ImageModel:
         job = replace(job, cancel=job.cancel or threading.Event(), received_at=time.monotonic())
         chunks = split_job(job, self.batches.images_per_call(job.width, job.height))
         try:
-            outcomes = await asyncio.gather(*(self.batches.submit(chunk) for chunk in chunks))
+            with self.adapters.pinned(job):
+                await self.adapters.acquire(job)
+                outcomes = await asyncio.gather(*(self.batches.submit(c) for c in chunks))
         except asyncio.CancelledError:
             job.cancel.set()  # the engine stops a call once all of its jobs are gone
             logger.info("request %s cancelled", job.request_id)
@@ -238,6 +271,7 @@ class ImageModel:
             images=encoded,
             text_tokens=text_tokens,
             batch_sizes=[images_in_call for _, images_in_call in outcomes],
+            served_by=self.replica_id,
         )
 
     async def _run_call(self, jobs: list[ImageJob]) -> list[Any]:
@@ -250,6 +284,10 @@ class ImageModel:
         for job in jobs:
             if job.received_at:
                 self.metrics.queue_wait.observe(started - job.received_at)
+        try:
+            await self.adapters.ensure_loaded(jobs[0].adapters)
+        except Exception as exc:  # noqa: BLE001 - the adapter's error goes to these jobs
+            return [exc] * len(jobs)
         self._call_started = started
         self._steps_left = jobs[0].steps
         call = asyncio.get_running_loop().run_in_executor(
@@ -280,6 +318,9 @@ class ImageModel:
         self._steps_left = total - (step + 1)
         self.metrics.steps.inc(count_images(jobs))
         self.metrics.progress.set((step + 1) / total)
+        for job in jobs:
+            if job.report_progress and job.events is not None and not job.cancelled:
+                job.events(Progress(step + 1, total))
         if logger.isEnabledFor(logging.DEBUG):
             for job in jobs:
                 logger.debug("request %s: step %d/%d", job.request_id, step + 1, total)

@@ -16,6 +16,8 @@ from serve_app.protocol import (
     ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageJobList,
+    ImageJobObject,
     ImageOptions,
     ImagesResponse,
     ImageVariationRequest,
@@ -33,6 +35,7 @@ ERROR_STATUSES = {
     "411": "Content-Length required",
     "413": "Request or upload too large",
     "415": "Unsupported content type",
+    "422": "A LoRA adapter file that cannot be loaded",
     "429": "At capacity: retry after `Retry-After` seconds",
     "500": "Internal error",
     "503": "Model replica unavailable",
@@ -90,6 +93,109 @@ def _images_response(streams: bool) -> dict[str, Any]:
     return {"200": {"description": "Generated images", "content": content}, **_errors()}
 
 
+def _signed_file(operation_id: str, what: str) -> dict[str, Any]:
+    """An image behind a link this server signed."""
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "get": {
+            "operationId": operation_id,
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "expires", "in": "query", "schema": {"type": "string"}},
+                {"name": "signature", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {
+                    "description": f"{what} behind a signed link",
+                    "content": {f"image/{f}": {"schema": binary} for f in ("png", "jpeg", "webp")},
+                },
+                **_errors("403", "404", "500", "504"),
+            },
+        }
+    }
+
+
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "description": "Extension: `respond-async` queues the request as a job: `202 Accepted`, "
+    "`Location: /v1/images/jobs/{id}` and the job object.",
+    "schema": {"type": "string", "examples": ["respond-async"]},  # others are ignored
+}
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _with_jobs(responses: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "202": {
+            "description": "With `Prefer: respond-async`: the job, queued",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": _ref("ImageJobObject")}},
+        },
+        **responses,
+    }
+
+
+def _job_paths(security: list) -> dict[str, Any]:
+    job = {"application/json": {"schema": _ref("ImageJobObject")}}
+    return {
+        "/v1/images/jobs": {
+            "get": {
+                "operationId": "listImageJobs",
+                "description": "Extension: this key's jobs, newest first (without results).",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                ],  # fmt: skip
+                "responses": {
+                    "200": {
+                        "description": "Jobs",
+                        "content": {"application/json": {"schema": _ref("ImageJobList")}},
+                    },
+                    **_errors("400", "401", "500", "503", "504"),
+                },
+                "security": security,
+            }
+        },
+        "/v1/images/jobs/{job_id}": {
+            "get": {
+                "operationId": "retrieveImageJob",
+                "description": "Extension: a job; when completed, `result` is the images "
+                "response the synchronous call would have given.",
+                "parameters": [JOB_ID],
+                "responses": {
+                    "200": {"description": "The job", "content": job},
+                    **_errors("401", "404", "500", "503", "504"),
+                },
+                "security": security,
+            },
+            "delete": {
+                "operationId": "deleteImageJob",
+                "description": "Extension: cancel a queued or running job (the job, "
+                "cancelled); delete a finished one and its images.",
+                "parameters": [JOB_ID],
+                "responses": {
+                    "200": {
+                        "description": "The cancelled job, or the deletion",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_errors("401", "404", "500", "503", "504"),
+                },
+                "security": security,
+            },
+        },
+        "/v1/images/jobs/files/{name}": _signed_file("getImageJobFile", "A job's image"),
+    }
+
+
+def _jobs_or_not(args: AppArgs, responses: dict[str, Any]) -> dict[str, Any]:
+    return _with_jobs(responses) if args.jobs.enabled else responses
+
+
 def openapi_document(args: AppArgs) -> dict[str, Any]:
     _, definitions = models_json_schema(
         [
@@ -101,6 +207,8 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
             (CompletedImageEvent, "serialization"),
             (ModelList, "serialization"),
             (ModelCard, "serialization"),
+            (ImageJobObject, "serialization"),
+            (ImageJobList, "serialization"),
         ],
         ref_template=REF,
     )
@@ -111,17 +219,19 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
         "/v1/images/generations": {
             "post": {
                 "operationId": "createImage",
+                "parameters": [PREFER] if args.jobs.enabled else [],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("ImageGenerationRequest")}},
                 },
-                "responses": _images_response(streams=True),
+                "responses": _jobs_or_not(args, _images_response(streams=True)),
                 "security": security,
             }
         },
         "/v1/images/edits": {
             "post": {
                 "operationId": "createImageEdit",
+                "parameters": [PREFER] if args.jobs.enabled else [],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -137,40 +247,23 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
                         "application/json": {"schema": _ref("ImageEditRequest")},
                     },
                 },
-                "responses": _images_response(streams=True),
+                "responses": _jobs_or_not(args, _images_response(streams=True)),
                 "security": security,
             }
         },
         "/v1/images/variations": {
             "post": {
                 "operationId": "createImageVariation",
+                "parameters": [PREFER] if args.jobs.enabled else [],
                 "requestBody": {
                     "required": True,
                     "content": _multipart(ImageVariationRequest, {"image": binary}, ["image"]),
                 },
-                "responses": _images_response(streams=False),
+                "responses": _jobs_or_not(args, _images_response(streams=False)),
                 "security": security,
             }
         },
-        "/v1/images/files/{name}": {
-            "get": {
-                "operationId": "getImageFile",
-                "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "expires", "in": "query", "schema": {"type": "string"}},
-                    {"name": "signature", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {
-                    "200": {
-                        "description": "The image behind a signed link",
-                        "content": {
-                            f"image/{f}": {"schema": binary} for f in ("png", "jpeg", "webp")
-                        },
-                    },
-                    **_errors("403", "404", "500", "504"),
-                },
-            }
-        },
+        "/v1/images/files/{name}": _signed_file("getImageFile", "The image"),
         "/v1/models": {
             "get": {
                 "operationId": "listModels",
@@ -213,6 +306,8 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
             }
         },
     }
+    if args.jobs.enabled:
+        paths.update(_job_paths(security))
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {

@@ -7,10 +7,18 @@ Ray (defaults and bounds that depend on a model live in `serve_app.resolution`).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_SEED = 2**63 - 1
 
@@ -72,6 +80,18 @@ class RequestModel(BaseModel):
         return value
 
 
+class LoraRequest(RequestModel):
+    """Extension: one LoRA adapter to apply, by its name in `GET /v1/models` (after `:`)."""
+
+    name: str = Field(description="Adapter name.")
+    scale: float = Field(1.0, description="Adapter weight (the model's `lora` range; 0 = off).")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _number(cls, value: Any, info: ValidationInfo) -> Any:
+        return _strict_number(value, info, whole=False)
+
+
 class ImageOptions(RequestModel):
     """Fields shared by all three endpoints. `seed` and `num_inference_steps` are extensions."""
 
@@ -99,6 +119,40 @@ class ImageOptions(RequestModel):
     num_inference_steps: int | None = Field(
         None, ge=1, le=100, description="Extension: denoising steps, overriding `quality`."
     )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Extension, with `Prefer: respond-async`: POST the finished job object here "
+        "(signed the Standard Webhooks way).",
+    )
+    lora: list[LoraRequest] | None = Field(
+        None,
+        description='Extension: LoRA adapters with weights, e.g. `[{"name": "style", '
+        '"scale": 0.8}]`; multipart sends it as JSON text (or the SDK\'s `lora[][name]` / '
+        '`lora[][scale]` fields). `model="<model>:<adapter>"` is one adapter at scale 1.',
+    )
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_list(cls, value: Any, info: ValidationInfo) -> Any:
+        if _is_form(info) and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'must be a JSON list like [{"name": "style", "scale": 0.8}]'
+                ) from None
+            if not isinstance(value, list):
+                raise ValueError('must be a JSON list like [{"name": "style", "scale": 0.8}]')
+            # JSON text carries real numbers: validate them as JSON, not as form text.
+            try:
+                return [LoraRequest.model_validate(item) for item in value]
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(part) for part in first["loc"])
+                message = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}: {message}" if where else message) from None
+        return value
 
     @field_validator(
         "n", "output_compression", "partial_images", "seed", "num_inference_steps", mode="before"
@@ -147,11 +201,19 @@ class ImageVariationRequest(ImageOptions):
     """`POST /v1/images/variations` (multipart): the instruction is the model's config."""
 
 
+class AdapterUsed(BaseModel):
+    name: str
+    scale: float
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
     seed: int = Field(description="Extension: the seed that reproduces this image.")
+    lora: list[AdapterUsed] | None = Field(
+        None, description="Extension: the LoRA adapters that produced this image (none: null)."
+    )
 
 
 class InputTokensDetails(BaseModel):
@@ -195,6 +257,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "serve_app"
     limits: ModelLimits | None = Field(None, description="Extension: this model's limits.")
+    parent: str | None = Field(
+        None, description="Extension: for `<model>:<adapter>` entries, the base model."
+    )
 
 
 class ModelList(BaseModel):
@@ -214,6 +279,9 @@ class ImageStreamEvent(BaseModel):
     size: str
     image_index: int = Field(description="Extension: which of the request's images (0-based).")
     seed: int = Field(description="Extension: the seed of that image.")
+    lora: list[AdapterUsed] | None = Field(
+        None, description="Extension: the LoRA adapters that produced this image."
+    )
 
 
 class PartialImageEvent(ImageStreamEvent):
@@ -228,3 +296,37 @@ class CompletedImageEvent(ImageStreamEvent):
 
     type: Literal["image_generation.completed", "image_edit.completed"]
     usage: Usage
+
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+
+
+class ImageJobObject(BaseModel):
+    """Extension: an asynchronous job (`Prefer: respond-async`), as `GET /v1/images/jobs/{id}`
+    and webhooks send it."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: JobStatus
+    created_at: int
+    model: str
+    endpoint: str = Field(description="`generations`, `edits` or `variations`.")
+    queue_position: int | None = Field(
+        None, description="While queued: how many jobs are ahead (0 = next)."
+    )
+    progress: float = Field(0.0, description="0-1, from the denoising steps done.")
+    started_at: int | None = None
+    completed_at: int | None = None
+    attempts: int = Field(0, description="Times a consumer started it (retries count).")
+    result: ImagesResponse | None = Field(
+        None, description="When completed: exactly what the synchronous call answers."
+    )
+    error: ErrorInfo | None = Field(None, description="When failed: OpenAI's error object.")
+
+
+class ImageJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ImageJobObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

@@ -11,8 +11,9 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from serve_app.adapters import check_name, not_found
 from serve_app.config import ModelConfig, UploadLimits
-from serve_app.contract import APIError, ImageJob
+from serve_app.contract import AdapterRef, APIError, ImageJob
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
 from serve_app.protocol import (
     MAX_SEED,
@@ -52,6 +53,8 @@ class ResolvedGeneration:
     response_format: str = "b64_json"
     stream: bool = False
     partial_images: int = 0
+    adapters: tuple[AdapterRef, ...] = ()
+    adapters_param: str = "lora"  # where the request named them: `lora` or `model`
 
     @property
     def size(self) -> str:
@@ -77,6 +80,7 @@ class ResolvedGeneration:
             init_image=conditioning.init_image if conditioning else None,
             mask=conditioning.mask if conditioning else None,
             preview_steps=preview_steps(self.partial_images, self.steps) if self.stream else (),
+            adapters=self.adapters,
         )
 
 
@@ -146,16 +150,77 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str, param: st
 
 def select_model(requested: str | None, models: dict[str, ModelConfig]) -> ModelConfig:
     """The named model, or the first configured one; unknown names are a 404."""
+    return select_model_and_adapter(requested, models)[0]
+
+
+def select_model_and_adapter(
+    requested: str | None, models: dict[str, ModelConfig]
+) -> tuple[ModelConfig, str | None]:
+    """The named model and, for `<model>:<adapter>`, the adapter name; unknown models are a 404.
+
+    A model id may itself contain `:`; the full name is looked up first."""
     if requested is None or requested == "":
-        return next(iter(models.values()))
-    if requested not in models:
+        return next(iter(models.values())), None
+    if requested in models:
+        return models[requested], None
+    base, colon, adapter = requested.rpartition(":")
+    if colon and base in models:
+        if not models[base].lora.enabled:
+            raise not_found(adapter, base, "model")
+        return models[base], check_name(adapter, "model")
+    raise APIError(
+        f"The model {requested!r} does not exist. Available: {', '.join(models)}.",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def resolve_adapters(
+    request: ImageOptions, model: ModelConfig, from_model: str | None
+) -> tuple[tuple[AdapterRef, ...], str]:
+    """The request's adapters, sorted by name, and the parameter that named them. Names and
+    scales are checked here; whether the files exist is the registry's question (I/O)."""
+    if from_model is not None:
+        if request.lora:
+            raise APIError(
+                "Name adapters either in 'model' ('<model>:<adapter>') or in 'lora', not both.",
+                param="lora",
+            )
+        if not model.lora.min_scale <= 1.0 <= model.lora.max_scale:
+            raise APIError(
+                f"'{model.id}:{from_model}' applies the adapter at scale 1, outside this model's "
+                f"range [{model.lora.min_scale}, {model.lora.max_scale}]; use 'lora' with a scale.",
+                param="model",
+            )
+        return (AdapterRef(from_model, 1.0),), "model"
+    if not request.lora:
+        return (), "lora"
+    config = model.lora
+    if not config.enabled:
+        raise not_found(request.lora[0].name, model.id, "lora")
+    if len(request.lora) > config.max_per_request:
         raise APIError(
-            f"The model {requested!r} does not exist. Available: {', '.join(models)}.",
-            status=404,
-            param="model",
-            code="model_not_found",
+            f"{len(request.lora)} adapters requested; model {model.id!r} combines at most "
+            f"{config.max_per_request} per request.",
+            param="lora",
+            code="too_many_adapters",
         )
-    return models[requested]
+    seen: set[str] = set()
+    for item in request.lora:
+        check_name(item.name, "lora")
+        if item.name in seen:
+            raise APIError(f"Adapter {item.name!r} is listed twice.", param="lora")
+        seen.add(item.name)
+        if not config.min_scale <= item.scale <= config.max_scale:
+            raise APIError(
+                f"Invalid scale {item.scale} for adapter {item.name!r}: must be between "
+                f"{config.min_scale} and {config.max_scale}.",
+                param="lora",
+            )
+    adapters = sorted((AdapterRef(item.name, float(item.scale)) for item in request.lora),
+                      key=lambda adapter: adapter.name)  # fmt: skip
+    return tuple(adapters), "lora"
 
 
 def auto_size(
@@ -221,8 +286,9 @@ def resolve_generation(
 
     `input_size` is the (first) input image's size for edits and variations.
     """
-    model = select_model(request.model, models)
+    model, adapter_in_model = select_model_and_adapter(request.model, models)
     prompt = _check_prompt(request, model, limits)
+    adapters, adapters_param = resolve_adapters(request, model, adapter_in_model)
     if request.n > max_n:
         raise APIError(f"Invalid n {request.n}: must be between 1 and {max_n}.", param="n")
     if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:
@@ -279,6 +345,8 @@ def resolve_generation(
         response_format=response_format,
         stream=bool(request.stream),
         partial_images=request.partial_images or 0,
+        adapters=adapters,
+        adapters_param=adapters_param,
     )
 
 

@@ -25,6 +25,7 @@ from serve_app.contract import APIError
 logger = logging.getLogger("ray.serve")
 
 FILES_ROUTE = "/v1/images/files"
+JOB_FILES_ROUTE = "/v1/images/jobs/files"
 _NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")
 _EXPIRES = re.compile(r"[0-9]{1,12}")  # a Unix time; ASCII only (str.isdigit takes any script)
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")  # HMAC-SHA256, hex
@@ -33,6 +34,18 @@ _SIGNATURE = re.compile(r"[0-9a-f]{64}")  # HMAC-SHA256, hex
 class ImageStore(Protocol):
     def save(self, data: bytes, output_format: str, base_url: str) -> str:
         """Store one encoded image; return the URL a client downloads it from."""
+
+    def put(self, data: bytes, output_format: str) -> str:
+        """Store one encoded image; return its name (jobs keep names, links are made later)."""
+
+    def get(self, name: str) -> bytes:
+        """The bytes of a stored image (404 when gone)."""
+
+    def delete(self, name: str) -> None:
+        """Remove a stored image (gone already is fine)."""
+
+    def link(self, name: str, base_url: str, expires_at: int) -> str:
+        """A URL for a stored image that works until `expires_at` (Unix time)."""
 
     def read(self, name: str, expires: str | None, signature: str | None) -> tuple[bytes, str]:
         """The bytes and media type behind a link this server signed; 403/404 otherwise."""
@@ -52,7 +65,10 @@ def new_name(output_format: str) -> str:
 class LocalImageStore:
     """A directory (a shared mount on a cluster) served back by the ingress with signed links."""
 
-    def __init__(self, directory: str | Path, secret: bytes, ttl_s: int) -> None:
+    def __init__(
+        self, directory: str | Path, secret: bytes, ttl_s: int, route: str = FILES_ROUTE
+    ) -> None:
+        self.route = route
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.secret = secret
@@ -62,13 +78,31 @@ class LocalImageStore:
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
     def save(self, data: bytes, output_format: str, base_url: str) -> str:
+        return self.link(self.put(data, output_format), base_url, int(time.time()) + self.ttl_s)
+
+    def put(self, data: bytes, output_format: str) -> str:
         name = new_name(output_format)
         tmp = self.directory / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, self.directory / name)
-        expires = int(time.time()) + self.ttl_s
-        signature = self.sign(name, expires)
-        return f"{base_url.rstrip('/')}{FILES_ROUTE}/{name}?expires={expires}&signature={signature}"
+        return name
+
+    def get(self, name: str) -> bytes:
+        if not _NAME.fullmatch(name):
+            raise _no_such_image()
+        try:
+            return (self.directory / name).read_bytes()
+        except FileNotFoundError:
+            raise _no_such_image() from None
+
+    def delete(self, name: str) -> None:
+        if _NAME.fullmatch(name):
+            (self.directory / name).unlink(missing_ok=True)
+
+    def link(self, name: str, base_url: str, expires_at: int) -> str:
+        signature = self.sign(name, expires_at)
+        route = f"{base_url.rstrip('/')}{self.route}/{name}"
+        return f"{route}?expires={expires_at}&signature={signature}"
 
     def read(self, name: str, expires: str | None, signature: str | None) -> tuple[bytes, str]:
         """The image behind a link: 403 when the signature is wrong, 404 when expired or gone."""
@@ -82,11 +116,7 @@ class LocalImageStore:
             raise APIError("The link's signature is invalid.", status=403, code="invalid_signature")
         if int(expires) < time.time():
             raise APIError("The link has expired.", status=404, code="expired")
-        try:
-            data = (self.directory / name).read_bytes()
-        except FileNotFoundError:
-            raise _no_such_image() from None
-        return data, MEDIA_TYPES[name.rsplit(".", 1)[1]]
+        return self.get(name), MEDIA_TYPES[name.rsplit(".", 1)[1]]
 
     def cleanup(self) -> int:
         cutoff = time.time() - self.ttl_s
@@ -120,13 +150,36 @@ class S3ImageStore:
         )
 
     def save(self, data: bytes, output_format: str, base_url: str) -> str:
-        key = self.prefix + new_name(output_format)
+        return self.link(self.put(data, output_format), base_url, int(time.time()) + self.ttl_s)
+
+    def put(self, data: bytes, output_format: str) -> str:
+        name = new_name(output_format)
         self.client.put_object(
-            Bucket=self.bucket, Key=key, Body=data, ContentType=MEDIA_TYPES[output_format]
+            Bucket=self.bucket,
+            Key=self.prefix + name,
+            Body=data,
+            ContentType=MEDIA_TYPES[output_format],
         )
+        return name
+
+    def get(self, name: str) -> bytes:
+        if not _NAME.fullmatch(name):
+            raise _no_such_image()
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise _no_such_image() from None
+
+    def delete(self, name: str) -> None:
+        if _NAME.fullmatch(name):
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
+    def link(self, name: str, base_url: str, expires_at: int) -> str:
+        expires_in = min(max(1, expires_at - int(time.time())), 7 * 24 * 3600)
         return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.ttl_s
-        )
+            "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + name},
+            ExpiresIn=expires_in,
+        )  # fmt: skip
 
     def read(self, name: str, expires: str | None, signature: str | None) -> tuple[bytes, str]:
         """S3 links are the bucket's own presigned URLs; this server serves no files."""
@@ -150,22 +203,47 @@ class S3ImageStore:
 
 
 def url_secret(config: StorageConfig) -> bytes:
+    """`$<secret_env>`, else a secret made once and kept in the cache directory (mode 0600), so
+    the ingress and the job consumer of one machine sign alike and links survive restarts."""
     secret = os.environ.get(config.secret_env)
     if secret:
         return secret.encode()
+    path = cache_root() / "url-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
+        os.replace(partial, path)
     logger.warning(
-        "%s is not set: image links are signed with a random per-process secret and stop working "
-        "when this ingress replica restarts; set it when running more than one ingress replica.",
+        "%s is not set: image links are signed with the secret in %s, which only this machine "
+        "has; set it on every node of a cluster.",
         config.secret_env,
+        path,
     )
-    return secrets.token_bytes(32)
+    return path.read_text().strip().encode()
 
 
-def make_store(config: StorageConfig) -> ImageStore:
+def make_store(
+    config: StorageConfig, secret: bytes | None = None, route: str = FILES_ROUTE
+) -> ImageStore:
     if config.backend == "s3":
         return S3ImageStore(config)
     directory = config.local_dir or cache_root() / "images"
-    return LocalImageStore(directory, url_secret(config), config.url_ttl_s)
+    return LocalImageStore(directory, secret or url_secret(config), config.url_ttl_s, route)
+
+
+def make_job_store(config: StorageConfig, ttl_s: int, secret: bytes | None = None) -> ImageStore:
+    """Job results: the same backend, in `jobs/` beside url images, kept `ttl_s`."""
+    directory = Path(config.local_dir or cache_root() / "images") / "jobs"
+    jobs = config.model_copy(  # beside, not inside, the url images: their cleanup is sooner
+        update={"local_dir": str(directory), "s3_prefix": config.s3_prefix.rstrip("/") + "-jobs/",
+                "url_ttl_s": min(ttl_s, 7 * 24 * 3600)}
+    )  # fmt: skip
+    store = make_store(jobs, secret, JOB_FILES_ROUTE)
+    store.ttl_s = ttl_s  # cleanup keeps results as long as their jobs
+    return store
 
 
 async def cleanup_forever(store: ImageStore, interval_s: float) -> None:

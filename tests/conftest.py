@@ -58,3 +58,21 @@ def api_error(fn, *args, **kwargs):
     with pytest.raises(APIError) as info:
         fn(*args, **kwargs)
     return info.value
+
+
+CORRUPT_SAFETENSORS = b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"
+
+
+def write_test_adapters(path, tiny_cache_dir: str):
+    """LoRA adapters for the tiny model in `path`: `a`, `b` (diffusers/PEFT format), `k`
+    (kohya) and `corrupt` (not a safetensors file); returns the transformer they fit."""
+    from diffusers import FluxTransformer2DModel
+
+    from serve_app.lora_synthetic import write_adapter
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_cache_dir, subfolder="transformer")
+    write_adapter(transformer, path / "a.safetensors", seed=1)
+    write_adapter(transformer, path / "b.safetensors", seed=2)
+    write_adapter(transformer, path / "k.safetensors", seed=3, fmt="kohya")
+    (path / "corrupt.safetensors").write_bytes(CORRUPT_SAFETENSORS)
+    return transformer

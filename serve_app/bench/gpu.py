@@ -6,6 +6,8 @@ text-to-image and a single-image edit. Steps, in order of importance, each skipp
 once the time budget could not hold it:
 
 1. plain: the dtype's eager path, then batches of text-to-image at the large and small sizes;
+   then LoRA: a first adapter load (read, inject), seconds per image with it, and the cost of
+   switching adapter sets between calls (then the adapters are unloaded again);
 2. switches that can be undone on the same weights: first-block cache, each attention backend;
 3. compile (regional, in place, so last on these weights);
 4. fp8 + compile on freshly built weights, then with the first-block cache too (the best
@@ -46,9 +48,19 @@ ATTENTION_BACKENDS = (
     "_flash_3",
     "sage",
 )
-STEPS = ("plain", "batches", "cache", "attention", "compile", "fp8-compile", "fp8-compile-cache")
+STEPS = (
+    "plain",
+    "batches",
+    "lora",
+    "cache",
+    "attention",
+    "compile",
+    "fp8-compile",
+    "fp8-compile-cache",
+)
 CACHE_THRESHOLD = 0.08
 COMPILE_ESTIMATE_S = 200  # regional compiles of FLUX's blocks for both shapes on an H100
+LORA_RANK = 32  # typical of published FLUX LoRAs (16-64), on every attention projection
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -245,6 +257,7 @@ class Bench:
         self.step(
             "batches", self.estimate(sum(self.batch_sizes(self.args.batches)) + 4), self.batches
         )
+        self.step("lora", self.estimate(2.5, 10), self.lora)
         self.switches_on_plain_weights(compile_s)
         if {"fp8-compile", "fp8-compile-cache"} & self.only:
             needed = "fp8-compile-cache" in self.only  # it runs on the fp8 weights
@@ -302,6 +315,41 @@ class Bench:
                 rows.append(measured)
             series[f"{size[0]}x{size[1]}"] = rows
         return {"series": series}
+
+    def lora(self) -> dict:
+        """Two rank-32 adapters: first load (read + inject), s/image with one, and the time to
+        switch sets between calls (activating another set, or none)."""
+        import dataclasses
+        import tempfile
+
+        from serve_app.contract import AdapterRef
+        from serve_app.lora_synthetic import write_adapter
+
+        engine = self.engine
+        row: dict = {"rank": LORA_RANK}
+        with tempfile.TemporaryDirectory() as folder:
+            loads = []
+            for seed, name in enumerate(("bench-a", "bench-b")):
+                path = f"{folder}/{name}.safetensors"
+                write_adapter(engine.pipe.transformer, path, rank=LORA_RANK, seed=seed)
+                started = time.perf_counter()
+                state = engine.read_adapter(name, path)
+                read_s = time.perf_counter() - started
+                engine.add_adapter(name, state)
+                loads.append((read_s, time.perf_counter() - started - read_s))
+        row["first_load_s"] = round(sum(loads[0]), 3)
+        row["read_s"], row["inject_s"] = round(loads[0][0], 3), round(loads[0][1], 3)
+        job = dataclasses.replace(self.job(self.size), adapters=(AdapterRef("bench-a", 1.0),))
+        row["text_to_image"] = self.time_job(job)
+        sets = [(AdapterRef("bench-a", 1.0),), (AdapterRef("bench-b", 0.8),),
+                (AdapterRef("bench-a", 0.5), AdapterRef("bench-b", 0.5)), ()]  # fmt: skip
+        started = time.perf_counter()
+        switches = 20
+        for index in range(switches):
+            engine._activate_adapters(dataclasses.replace(job, adapters=sets[index % 4]))
+        row["switch_ms"] = round((time.perf_counter() - started) / switches * 1000, 2)
+        engine.remove_adapters(["bench-a", "bench-b"])
+        return row
 
     def compile(self) -> None:
         self.engine.pipe.transformer.compile_repeated_blocks(fullgraph=True)
@@ -397,6 +445,12 @@ def table(rows: list[dict], machine: dict, args, peak_tflops: float | None) -> s
         mfu = f"{_cell(t2i, 'mfu', 2)} / {_cell(edit, 'mfu', 2)}" if t2i else "—"
         if "load_s" in row:
             note = (note + f" load {row['load_s']:.0f} s").strip()
+        if "first_load_s" in row:
+            note = (
+                f"{note} rank-{row['rank']} adapter: first load {row['first_load_s']:.2f} s "
+                f"(read {row['read_s']:.2f}, inject {row['inject_s']:.2f}); switching sets "
+                f"between calls {row['switch_ms']:.1f} ms"
+            ).strip()
         note = note.replace("|", "/").replace("\n", " ")[:160]
         lines.append(
             f"| {row['step']} | {_cell(t2i)} | {_cell(edit)} | {speedup} | "

@@ -126,19 +126,43 @@ async def read_multipart(
                 param=file_fields[0],
             ) from None
         raise APIError(f"Invalid multipart/form-data body: {message}") from None
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     files: list[Upload] = []
+    lists: dict[str, list[str]] = {key: [] for key in LORA_FORM_FIELDS}
     try:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 files.append((key, await _read_file(key, value, file_fields, limits)))
+            elif key in lists:
+                lists[key].append(value)
             elif key in fields:
                 raise APIError(f"Parameter {key!r} was sent more than once.", param=key)
             else:
                 fields[key] = value
     finally:
         await form.close()
+    if any(lists.values()):
+        fields["lora"] = _lora_from_brackets(fields, *lists.values())
     return fields, files
+
+
+# How the openai SDKs send a list of objects in a multipart form (`lora=[{...}]` in extra_body).
+LORA_FORM_FIELDS = ("lora[][name]", "lora[][scale]")
+
+
+def _lora_from_brackets(fields: dict[str, Any], names: list[str], scales: list[str]) -> list:
+    """`lora[][name]` / `lora[][scale]` fields, paired in order, as the `lora` list."""
+    if "lora" in fields:
+        raise APIError("Send 'lora' once: as JSON text or as lora[][name] fields.", param="lora")
+    if scales and len(scales) != len(names):
+        raise APIError(
+            f"{len(names)} lora[][name] fields but {len(scales)} lora[][scale] fields: give "
+            "every adapter a scale (or none), or send 'lora' as JSON text.",
+            param="lora",
+        )
+    return [
+        {"name": name, **({"scale": scales[i]} if scales else {})} for i, name in enumerate(names)
+    ]
 
 
 async def _read_file(

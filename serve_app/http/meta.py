@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,11 +11,15 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve_app.adapters import AdapterRegistry, check_name
 from serve_app.config import AppArgs
 from serve_app.contract import APIError
+from serve_app.http.responses import signed_file
 from serve_app.openapi import openapi_document
 from serve_app.protocol import ModelCard, ModelLimits, ModelList
 from serve_app.storage import ImageStore
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -45,38 +50,64 @@ class MetaRoutes:
             )
             for model in args.models
         }
+        self.adapters = {
+            model.id: AdapterRegistry(model.id, model.lora)
+            for model in args.models
+            if model.lora.enabled
+        }
         self.store = store
         self.statuses = statuses
         self.created = int(time.time())
         self._openapi = openapi_document(args)
 
     async def list_models(self, request: Request) -> Response:
-        cards = [self._card(model_id) for model_id in self.model_ids]
+        """Each model, then each of its LoRA adapters as `<model>:<adapter>`."""
+        adapters = await asyncio.to_thread(self._adapter_names)
+        cards = []
+        for model_id in self.model_ids:
+            cards.append(self._card(model_id))
+            cards += [self._card(model_id, name) for name in adapters.get(model_id, [])]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     async def get_model(self, request: Request) -> Response:
         model_id = request.path_params["model"]
-        if model_id not in self.model_ids:
-            raise APIError(
-                f"The model {model_id!r} does not exist.",
-                status=404,
-                param="model",
-                code="model_not_found",
-            )
-        return JSONResponse(self._card(model_id).model_dump())
+        if model_id in self.model_ids:
+            return JSONResponse(self._card(model_id).model_dump())
+        base, colon, adapter = model_id.rpartition(":")
+        registry = self.adapters.get(base) if colon else None
+        if registry is not None and await asyncio.to_thread(
+            registry.exists, check_name(adapter, "model")
+        ):
+            return JSONResponse(self._card(base, adapter).model_dump())
+        raise APIError(
+            f"The model {model_id!r} does not exist.",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
 
-    def _card(self, model_id: str) -> ModelCard:
-        return ModelCard(id=model_id, created=self.created, limits=self.limits[model_id])
+    def _card(self, model_id: str, adapter: str | None = None) -> ModelCard:
+        if adapter is None:
+            return ModelCard(id=model_id, created=self.created, limits=self.limits[model_id])
+        return ModelCard(
+            id=f"{model_id}:{adapter}",
+            created=self.created,
+            limits=self.limits[model_id],
+            parent=model_id,
+        )
+
+    def _adapter_names(self) -> dict[str, list[str]]:
+        names = {}
+        for model_id, registry in self.adapters.items():
+            try:
+                names[model_id] = registry.names()
+            except Exception as exc:  # noqa: BLE001 - list the models even if S3 is down
+                logger.warning("cannot list adapters of %s: %s", model_id, exc)
+        return names
 
     async def get_file(self, request: Request) -> Response:
         """A `url` image behind its signed link (local storage; S3 links point at the bucket)."""
-        data, media_type = await asyncio.to_thread(
-            self.store.read,
-            request.path_params["name"],
-            request.query_params.get("expires"),
-            request.query_params.get("signature"),
-        )
-        return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
+        return await signed_file(self.store, request)
 
     async def health(self, request: Request) -> Response:
         """Readiness: 200 when every model can serve now (at least one running replica), also

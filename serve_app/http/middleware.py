@@ -22,7 +22,7 @@ from starlette.responses import Response
 from serve_app.auth import FailedAuthThrottle, KeyStore
 from serve_app.http.errors import error_response, unwrap_remote_error
 from serve_app.metrics import IngressMetrics
-from serve_app.storage import FILES_ROUTE
+from serve_app.storage import FILES_ROUTE, JOB_FILES_ROUTE
 
 logger = logging.getLogger("ray.serve")
 
@@ -51,7 +51,8 @@ def current_request_id(request: Request) -> str:
 def needs_key(path: str) -> bool:
     """`/v1/...` needs a key; signed image links carry their own authorisation; `/health` and
     `/openapi.json` are open so load balancers and tools can read them."""
-    return path.startswith("/v1/") and not path.startswith(FILES_ROUTE + "/")
+    signed = (FILES_ROUTE + "/", JOB_FILES_ROUTE + "/")
+    return path.startswith("/v1/") and not path.startswith(signed)
 
 
 class RequestFrame:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+from starlette.requests import Request
+from starlette.responses import Response
+
 from serve_app.protocol import (
+    AdapterUsed,
     CompletedImageEvent,
     ErrorResponse,
     ImageData,
@@ -13,9 +18,17 @@ from serve_app.protocol import (
     Usage,
 )
 from serve_app.resolution import ResolvedGeneration
+from serve_app.storage import ImageStore
 
 # The stream's event-type prefix per endpoint (OpenAI streams generations and edits).
 STREAM_PREFIX = {"generation": "image_generation", "edit": "image_edit"}
+
+
+def adapters_used(resolved: ResolvedGeneration) -> list[AdapterUsed] | None:
+    """The LoRA adapters each image of this request was made with (None: the base model)."""
+    if not resolved.adapters:
+        return None
+    return [AdapterUsed(name=a.name, scale=a.scale) for a in resolved.adapters]
 
 
 def images_response(
@@ -28,7 +41,7 @@ def images_response(
     return ImagesResponse(
         created=int(time.time()),
         data=[
-            ImageData(b64_json=b64, url=url, seed=seed)
+            ImageData(b64_json=b64, url=url, seed=seed, lora=adapters_used(resolved))
             for b64, url, seed in zip(
                 b64_images or [None] * resolved.n,
                 urls or [None] * resolved.n,
@@ -63,6 +76,7 @@ def stream_event(
         "size": resolved.size,
         "image_index": image_index,
         "seed": resolved.seed + image_index,
+        "lora": adapters_used(resolved),
     }
     prefix = STREAM_PREFIX[endpoint]
     if usage is None:
@@ -77,3 +91,14 @@ def sse(event: PartialImageEvent | CompletedImageEvent | ErrorResponse) -> str:
     An error's event type is `error` (its data is the usual error envelope)."""
     event_type = getattr(event, "type", "error")
     return f"event: {event_type}\ndata: {event.model_dump_json()}\n\n"
+
+
+async def signed_file(store: ImageStore, request: Request) -> Response:
+    """An image behind a link this server signed (`name`, `expires`, `signature`)."""
+    data, media_type = await asyncio.to_thread(
+        store.read,
+        request.path_params["name"],
+        request.query_params.get("expires"),
+        request.query_params.get("signature"),
+    )
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private"})

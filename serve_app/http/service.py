@@ -15,10 +15,12 @@ from typing import Protocol
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from serve_app.adapters import AdapterRegistry
 from serve_app.codec import to_base64
 from serve_app.config import AppArgs
 from serve_app.contract import (
     Accepted,
+    APIError,
     Completed,
     GenerationResult,
     ImageJob,
@@ -28,6 +30,7 @@ from serve_app.contract import (
 from serve_app.geometry import format_wxh, image_tokens
 from serve_app.http import bodies, decoding
 from serve_app.http.errors import as_api_error, error_body
+from serve_app.http.jobs import JobRoutes, wants_async
 from serve_app.http.responses import images_response, sse, stream_event
 from serve_app.imageops import Conditioning, prepare_conditioning
 from serve_app.metrics import IngressMetrics
@@ -51,6 +54,8 @@ class ModelClient(Protocol):
 
     def stream(self, job: ImageJob) -> ModelStream: ...
 
+    async def count_text_tokens(self, prompt: str) -> int: ...
+
 
 class ImagesService:
     """`POST /v1/images/{generations,edits,variations}` over a model client per model id."""
@@ -61,6 +66,7 @@ class ImagesService:
         models: Mapping[str, ModelClient],
         store: ImageStore,
         metrics: IngressMetrics,
+        jobs: JobRoutes | None = None,
     ) -> None:
         self.args = args
         self.limits = args.limits
@@ -69,6 +75,8 @@ class ImagesService:
         self.store = store
         self.metrics = metrics
         self.decoding = decoding.PixelBudget(args.limits.max_decoding_pixels)
+        self.adapters = {model.id: AdapterRegistry(model.id, model.lora) for model in args.models}
+        self.jobs = jobs
 
     async def create_generation(self, request: Request) -> Response:
         parsed = await bodies.read_generation(request, self.limits)
@@ -134,9 +142,24 @@ class ImagesService:
             "stream": resolved.stream,
             "user": parsed.user,
         }
+        as_job = self.jobs is not None and wants_async(request)
+        if parsed.webhook_url and not as_job:
+            raise APIError(
+                "webhook_url applies to asynchronous jobs: send the header "
+                "'Prefer: respond-async'"
+                + ("." if self.jobs is not None else " (jobs are turned off on this server)."),
+                param="webhook_url",
+            )
+        if resolved.adapters:
+            await asyncio.to_thread(self._check_adapters, resolved)
         job = resolved.to_job(request.state.request_id, conditioning)
         input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
         model = self.models[resolved.model_id]
+        if as_job:
+            await model.count_text_tokens(job.prompt)  # a too-long prompt is a 400 now
+            return await self.jobs.submit(
+                request, endpoint, resolved, job, input_tokens, parsed.webhook_url
+            )
         if resolved.stream:
             return await self._stream(request, endpoint, resolved, model.stream(job), input_tokens)
         result = await model.generate(job)
@@ -159,7 +182,25 @@ class ImagesService:
         content = await asyncio.to_thread(encode)
         self._count_output(endpoint, resolved, usage)
         headers = {"x-batch-images": ",".join(str(size) for size in result.batch_sizes)}
+        if result.served_by:
+            headers["x-served-by"] = result.served_by
         return Response(content, media_type="application/json", headers=headers)
+
+    def _check_adapters(self, resolved: ResolvedGeneration) -> None:
+        """404 for an adapter the model does not have (before any work is queued)."""
+        registry = self.adapters[resolved.model_id]
+        try:
+            registry.check([a.name for a in resolved.adapters], resolved.adapters_param)
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - S3 unreachable, permissions, ...
+            raise APIError(
+                f"The adapter store of model {resolved.model_id!r} cannot be read now: "
+                f"{type(exc).__name__}. Try again later.",
+                status=503,
+                code="adapter_store_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
 
     def _count_output(self, endpoint: str, resolved: ResolvedGeneration, usage: Usage) -> None:
         """Images and tokens, labelled the same whether the request streamed or not."""

@@ -3,10 +3,13 @@
 The app is deployed the way `serve run configs/local.yaml` does it (serve_start with the file's
 http_options, then deploy_apps with the parsed config), with test-only changes: a free port, fresh
 model cache and image directories, a known URL-signing secret, small upload limits (so limit tests
-send small bodies), a longer batch wait so that concurrent requests visibly batch, and at most one
-model replica.
+send small bodies), a directory of LoRA adapters, a longer batch wait so that concurrent requests
+visibly batch, and at most one model replica.
 """
 
+import base64
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -29,20 +32,49 @@ TEST_LIMITS = {
 }
 
 
+MAX_LOADED = 2  # adapter sets per replica: small, so the LRU test evicts
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret-32-bytes-long").decode()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def local_config(port: int, cache_dir: str, images_dir: str) -> dict:
+# Jobs: the embedded Redis on a free port; a consumer that died is noticed within seconds; a
+# short queue so the backpressure test fills it; webhooks to the test's own receiver.
+JOBS = {
+    "embedded_port": free_port(),
+    "visibility_timeout_s": 10,
+    "max_queued": 8,
+    "retry_backoff_max_s": 2,
+    "webhooks": {"allow_private": True, "max_attempts": 3},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_config(
+    port: int, cache_dir: str, images_dir: str, adapter_dir: str = "", app_cache: str = ""
+) -> dict:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     config["http_options"]["port"] = port
     [app] = config["applications"]
+    app["args"]["jobs"] = JOBS
     app["args"]["models"][0]["cache_dir"] = cache_dir
+    if adapter_dir:
+        app["args"]["models"][0]["lora"] = {"dirs": [adapter_dir], "max_loaded": MAX_LOADED}
     app["args"]["limits"] = TEST_LIMITS
     app["args"]["storage"] = {"local_dir": images_dir}
-    app["runtime_env"] = {"env_vars": {"SERVE_APP_URL_SECRET": URL_SECRET}}
+    env = {"SERVE_APP_URL_SECRET": URL_SECRET, "SERVE_APP_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    if app_cache:
+        env["SERVE_APP_CACHE"] = app_cache  # the embedded Redis's data and password
+    app["runtime_env"] = {"env_vars": env}
     for deployment in app["deployments"]:
         if "user_config" in deployment:
             deployment["user_config"]["batch_wait_timeout_s"] = BATCH_WAIT_S
@@ -79,9 +111,41 @@ def wait_running(timeout_s: float = 180) -> None:
 
 
 @pytest.fixture(scope="session")
-def serve_config(tiny_cache_dir, images_dir) -> dict:
+def adapter_dir(tmp_path_factory, tiny_cache_dir) -> Path:
+    """LoRA adapters for the tiny model: `a`, `b` (diffusers/PEFT format), `k` (kohya) and
+    `corrupt` (not a safetensors file)."""
+    from tests.conftest import write_test_adapters
+
+    path = tmp_path_factory.mktemp("adapters")
+    write_test_adapters(path, tiny_cache_dir)
+    return path
+
+
+@pytest.fixture(scope="session")
+def app_cache(tmp_path_factory) -> Path:
+    """The app's cache directory (`SERVE_APP_CACHE`): the embedded Redis keeps its data and
+    password here; the server is stopped at the end even if the app could not stop it."""
+    path = tmp_path_factory.mktemp("app-cache")
+    yield path
+    try:
+        os.kill(int((path / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+def redis_client(app_cache: Path):
+    import redis
+
+    password = (app_cache / "redis" / "password").read_text().strip()
+    return redis.Redis(port=JOBS["embedded_port"], password=password, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def serve_config(tiny_cache_dir, images_dir, adapter_dir, app_cache) -> dict:
     """configs/local.yaml with the test-only changes (see the module docstring)."""
-    return local_config(free_port(), tiny_cache_dir, str(images_dir))
+    return local_config(
+        free_port(), tiny_cache_dir, str(images_dir), str(adapter_dir), str(app_cache)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,9 @@ RECORD_FORM_FIELDS = """() => {
 def test_the_page_loads_without_errors_and_lists_the_models(browser, base_url):
     page = Page(browser, base_url)
     try:
-        assert page.models() == ["flux-kontext-tiny"]
+        # The model, then its LoRA adapters as `<model>:<adapter>` (they work as `model`).
+        assert page.models()[0] == "flux-kontext-tiny"
+        assert all(m.startswith("flux-kontext-tiny:") for m in page.models()[1:])
         assert "64–2048 px" in page.page.inner_text("#limits")  # the model's limits, shown
         # Each mode shows its own fields.
         visible = page.page.is_visible
@@ -326,7 +328,9 @@ def test_api_keys_without_a_key_the_401_with_one_it_works(browser, base_url, key
         page.page.fill("#api-key", keyed_app)
         page.page.press("#api-key", "Enter")
         page.page.locator("#api-key").blur()
-        assert page.models() == ["flux-kontext-tiny"]
+        # The model, then its LoRA adapters as `<model>:<adapter>` (they work as `model`).
+        assert page.models()[0] == "flux-kontext-tiny"
+        assert all(m.startswith("flux-kontext-tiny:") for m in page.models()[1:])
         page.page.fill("#prompt", "with a key")
         page.page.select_option("#size", "custom")
         page.page.fill("#size-custom", "64x64")

@@ -56,6 +56,9 @@ class FakeModel:
             raise pickle.loads(pickle.dumps(self.fail))
         return self._result(job)
 
+    async def count_text_tokens(self, prompt):
+        return 5
+
     def stream(self, job):
         self.jobs.append(job)
         events = [Accepted(5)]

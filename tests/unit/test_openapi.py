@@ -22,7 +22,15 @@ def test_openapi_document_covers_every_route_and_the_stream_events(monkeypatch, 
         "/v1/models",
         "/v1/models/{model}",
         "/health",
+        "/v1/images/jobs",
+        "/v1/images/jobs/{job_id}",
+        "/v1/images/jobs/files/{name}",
     }
+    generations = document["paths"]["/v1/images/generations"]["post"]
+    assert generations["parameters"][0]["name"] == "Prefer"
+    assert generations["responses"]["202"]["content"]["application/json"]["schema"][
+        "$ref"
+    ].endswith("ImageJobObject")
     schemas = document["components"]["schemas"]
     assert schemas["ImageGenerationRequest"]["required"] == ["prompt"]
     assert "seed" in schemas["ImageData"]["properties"]

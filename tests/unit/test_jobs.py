@@ -1,0 +1,245 @@
+"""Jobs without Ray: the Redis job store on a real redis-server, the ingress's job routes over a
+fake model (ownership, 503 without Redis), webhook signing and destinations, payloads."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from serve_app.config import WebhookConfig
+from serve_app.contract import AdapterRef, ImageJob
+from serve_app.jobs import payload
+from serve_app.jobs.store import JobStore, QueueFull, new_job_id
+from serve_app.jobs.webhooks import WebhookRefused, check_destination, secret_bytes, sign
+from tests.unit.conftest import ingress_for
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real redis-server for this module (Debian's, installed by scripts/setup.sh)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is missing: bash scripts/setup.sh --tests installs it")
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def store(redis_url):
+    store = JobStore(redis_url, result_ttl_s=60, max_queued=3)
+    store.redis.flushdb()
+    return store
+
+
+def queued(store, owner="-", **extra):
+    job_id = new_job_id()
+    fields = {"id": job_id, "status": "queued", "owner": owner, "created_at": time.time(),
+              "model": "m", "endpoint": "generations", **extra}  # fmt: skip
+    return job_id, store.submit(job_id, fields, b"payload")
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+def test_jobs_queue_in_order_and_a_full_queue_refuses(store):
+    positions = [queued(store)[1] for _ in range(3)]
+    assert positions == [0, 1, 2]
+    with pytest.raises(QueueFull):
+        queued(store)
+    assert store.queue_length() == 3
+
+
+def test_a_job_runs_once_finishes_once_and_expires(store):
+    job_id, _ = queued(store)
+    assert store.start(job_id, "w1") == "started"
+    assert store.start(job_id, "w2") == "busy"  # a duplicate delivery while it runs
+    assert store.get(job_id)["attempts"] == "1" and store.queue_length() == 0
+    assert store.payload(job_id) == b"payload"
+    assert store.finish(job_id, "completed", {"images": ["a.png"]}) == "ok"
+    assert store.finish(job_id, "failed", {}) == "completed"  # a final state is final
+    assert store.start(job_id, "w3") == "completed"
+    assert store.payload(job_id) is None
+    assert 0 < store.redis.ttl(f"serve_app:job:{job_id}") <= 60
+
+
+def test_a_job_whose_consumer_went_silent_can_be_started_again(store, monkeypatch):
+    job_id, _ = queued(store)
+    assert store.start(job_id, "w1") == "started"
+    store.mark(job_id, heartbeat=time.time() - 60)
+    assert store.start(job_id, "w2") == "started"
+    assert store.get(job_id)["attempts"] == "2"
+
+
+def test_cancel_beats_finish_and_a_retry_keeps_the_place_in_the_queue(store):
+    first, _ = queued(store)
+    second, _ = queued(store)
+    assert store.start(first, "w") == "started"
+    assert store.requeue(first, "replica died")
+    assert store.get(first)["queue_position"] == "0" and store.get(second)["queue_position"] == "1"
+    assert store.start(first, "w") == "started"
+    assert store.cancel(first) == "in_progress"
+    assert store.touch([first], {first: 0.5}) == {first: True}  # the consumer learns of it
+    assert store.finish(first, "completed", {}) == "cancelled"
+    assert store.cancel(second) == "queued" and store.start(second, "w") == "cancelled"
+    assert store.queue_length() == 0
+
+
+def test_listing_is_per_owner_newest_first_with_a_cursor(store):
+    store.max_queued = 100
+    mine = [queued(store, "alice")[0] for _ in range(5)]
+    queued(store, "bob")
+    page, more = store.list("alice", 2, None)
+    assert [r["id"] for r in page] == mine[::-1][:2] and more
+    page, more = store.list("alice", 10, page[-1]["id"])
+    assert [r["id"] for r in page] == mine[::-1][2:] and not more
+    store.forget(mine[0], "alice")
+    assert len(store.list("alice", 10, None)[0]) == 4
+
+
+# --- payloads and webhooks -----------------------------------------------------------------
+
+
+def test_a_job_payload_round_trips_with_its_images():
+    canvas = Image.effect_noise((64, 64), 50).convert("RGB")
+    job = ImageJob("r", "p", 64, 64, 2, 2.5, (1, 2), conditioning=(canvas,),
+                   mask=Image.new("L", (64, 64), 255), init_image=canvas,
+                   adapters=(AdapterRef("a", 0.5),))  # fmt: skip
+    back = payload.job_from_bytes(payload.job_to_bytes(job))
+    assert back.seeds == (1, 2) and back.adapters == job.adapters
+    assert back.conditioning[0].tobytes() == canvas.tobytes()
+    assert back.mask.tobytes() == job.mask.tobytes()
+    assert b"pickle" not in payload.job_to_bytes(job)
+
+
+def test_webhook_signatures_verify_with_the_standard_webhooks_library():
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = json.dumps({"id": "imgjob_1", "status": "completed"}).encode()
+    timestamp = int(time.time())
+    signature = sign(secret_bytes(secret), "msg_1", timestamp, body)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(timestamp),
+               "webhook-signature": signature}  # fmt: skip
+    assert Webhook(secret).verify(body, headers)["status"] == "completed"
+    headers["webhook-signature"] = sign(b"another secret", "msg_1", timestamp, body)
+    with pytest.raises(Exception, match="signature"):
+        Webhook(secret).verify(body, headers)
+
+
+@pytest.mark.parametrize(
+    "url, config, reason",
+    [
+        ("http://127.0.0.1:8080/hook", {}, "private"),
+        ("http://169.254.169.254/latest", {}, "private"),
+        ("http://10.1.2.3/x", {}, "private"),
+        ("http://[::1]/x", {}, "private"),
+        ("http://[64:ff9b::a9fe:a9fe]/x", {}, "private"),  # NAT64 of 169.254.169.254
+        ("http://[2002:7f00:1::]/x", {}, "private"),  # 6to4 of 127.0.0.1
+        ("http://a..b/x", {}, "does not resolve"),  # not even IDNA: never a 500
+        ("ftp://example.com/x", {}, "http or https"),
+        ("https://user:pw@example.com/x", {}, "credentials"),
+        ("https://evil.example.org/x", {"allowed_hosts": ["*.example.com"]}, "allowlist"),
+    ],
+)
+def test_webhook_destinations_are_checked(url, config, reason):
+    with pytest.raises(WebhookRefused, match=reason):
+        check_destination(url, WebhookConfig(**config))
+
+
+def test_private_destinations_pass_when_allowed():
+    check_destination("http://127.0.0.1:8080/hook", WebhookConfig(allow_private=True))
+    allowed = WebhookConfig(allow_private=True, allowed_hosts=["localhost", "127.0.0.1"])
+    check_destination("http://127.0.0.1/hook", allowed)
+
+
+# --- the ingress over a fake model ---------------------------------------------------------
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("alice: sk-alice\nbob: sk-bob\n")
+    return path
+
+
+def test_a_job_belongs_to_the_key_that_created_it(redis_url, fake, app_args, keys_file):
+    JobStore(redis_url, 60, 10).redis.flushdb()
+    app_args["auth"] = {"api_keys_file": str(keys_file)}
+    app_args["jobs"] = {"redis_url": redis_url}
+    app = TestClient(ingress_for(app_args, fake).__serve_build_asgi_app__())
+    alice, bob = ({"Authorization": f"Bearer sk-{n}"} for n in ("alice", "bob"))
+    body = {"prompt": "a cat", "size": "256x256"}
+    answer = app.post("/v1/images/generations", json=body, headers={**ASYNC, **alice})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    assert fake.jobs == []  # queued for a consumer, not run by the ingress
+    assert app.get(f"/v1/images/jobs/{job_id}", headers=alice).json()["status"] == "queued"
+    for method in (app.get, app.delete):
+        other = method(f"/v1/images/jobs/{job_id}", headers=bob)
+        assert other.status_code == 404 and other.json()["error"]["code"] == "job_not_found"
+    assert app.get("/v1/images/jobs", headers=bob).json()["data"] == []
+    assert [j["id"] for j in app.get("/v1/images/jobs", headers=alice).json()["data"]] == [job_id]
+    assert app.get(f"/v1/images/jobs/{job_id}").status_code == 401
+    cancelled = app.delete(f"/v1/images/jobs/{job_id}", headers=alice).json()
+    assert cancelled["status"] == "cancelled"
+
+
+def test_without_redis_submission_is_a_503_and_sync_still_works(fake, app_args):
+    app_args["jobs"] = {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}
+    app = TestClient(ingress_for(app_args, fake).__serve_build_asgi_app__())
+    body = {"prompt": "a cat", "size": "256x256"}
+    answer = app.post("/v1/images/generations", json=body, headers=ASYNC)
+    assert answer.status_code == 503 and answer.headers["retry-after"]
+    assert answer.json()["error"]["code"] == "jobs_unavailable"
+    assert "Synchronous requests still work" in answer.json()["error"]["message"]
+    assert app.post("/v1/images/generations", json=body).status_code == 200
+    assert app.get("/v1/images/jobs/imgjob_x").status_code == 503
+
+
+def test_jobs_turned_off_answer_synchronously(fake, app_args):
+    app_args["jobs"] = {"enabled": False}
+    app = TestClient(ingress_for(app_args, fake).__serve_build_asgi_app__())
+    answer = app.post("/v1/images/generations", json={"prompt": "p"}, headers=ASYNC)
+    assert answer.status_code == 200 and "preference-applied" not in answer.headers
+    assert app.get("/v1/images/jobs").status_code == 404
+
+
+def test_without_a_configured_redis_jobs_say_what_to_set(fake, app_args, monkeypatch):
+    monkeypatch.delenv("SERVE_APP_REDIS_URL", raising=False)
+    app_args["jobs"] = {"embedded": False}
+    app = TestClient(ingress_for(app_args, fake).__serve_build_asgi_app__())
+    answer = app.post("/v1/images/generations", json={"prompt": "p"}, headers=ASYNC)
+    assert answer.status_code == 503 and "SERVE_APP_REDIS_URL" in answer.json()["error"]["message"]
+    assert app.post("/v1/images/generations", json={"prompt": "p"}).status_code == 200
