@@ -37,6 +37,7 @@ logger = logging.getLogger("ray.serve")
 
 
 DRAIN_S = 240  # within the consumer deployment's graceful_shutdown_timeout_s (app.py)
+SWEEP_MARGIN_S = 30  # how often, and how long past the visibility timeout, lost jobs are sought
 
 
 class JobCancelled(Exception):
@@ -193,9 +194,26 @@ class ImageJobConsumer:
             record["webhook_url"], f"{job_id}_{record['status']}", body.model_dump_json().encode()
         )
 
+    def sweep(self) -> list[str]:
+        """Give a fresh task to each job whose consumer died and whose own task was lost (not
+        handed out again within the visibility timeout). A duplicate is harmless: the second
+        task to arrive finds the job taken or done."""
+        lost = self.store.stale_running(self.config.visibility_timeout_s + SWEEP_MARGIN_S)
+        for job_id in lost:
+            logger.warning("job %s lost its consumer and its task: queueing it again", job_id)
+            self._adapter.enqueue_task_sync(TASK_NAME, args=[job_id])
+        return lost
+
     def _heartbeats(self) -> None:
         failing = False
+        next_sweep = time.monotonic() + SWEEP_MARGIN_S
         while not self._stopped.wait(HEARTBEAT_S / 2):
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_MARGIN_S
+                try:
+                    self.sweep()
+                except Exception as exc:  # noqa: BLE001 - Redis restarting: next time
+                    logger.warning("job sweep failed: %s", exc)
             with self._lock:
                 running = dict(self._running)
             try:

@@ -132,6 +132,7 @@ class JobStore:
         return f"{PREFIX}owner:{owner}"
 
     QUEUED = PREFIX + "queued"
+    RUNNING = PREFIX + "running"  # id by last heartbeat: where the sweeper looks
     SEQ = PREFIX + "seq"
 
     # --- ingress -----------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.delete(self._job(job_id), self._payload(job_id))
         pipe.zrem(self.QUEUED, job_id)
+        pipe.zrem(self.RUNNING, job_id)
         pipe.zrem(self._owner(owner), job_id)
         pipe.execute()
 
@@ -195,7 +197,9 @@ class JobStore:
     def cancel(self, job_id: str) -> str:
         """Cancel a queued or running job; its status before ('missing' if none)."""
         keys = [self._job(job_id), self.QUEUED, self._payload(job_id)]
-        return self._cancel(keys=keys, args=[job_id, time.time(), self.result_ttl_s])
+        before = self._cancel(keys=keys, args=[job_id, time.time(), self.result_ttl_s])
+        self.redis.zrem(self.RUNNING, job_id)
+        return before
 
     def queue_length(self) -> int:
         return int(self.redis.zcard(self.QUEUED))
@@ -205,7 +209,10 @@ class JobStore:
         """'started', or why not: 'missing', 'busy' (another consumer runs it), or its final
         status."""
         keys = [self._job(job_id), self.QUEUED]
-        return self._start(keys=keys, args=[job_id, time.time(), STALE_S, worker])
+        state = self._start(keys=keys, args=[job_id, time.time(), STALE_S, worker])
+        if state == "started":
+            self.redis.zadd(self.RUNNING, {job_id: time.time()})
+        return state
 
     def payload(self, job_id: str) -> bytes | None:
         return self.raw.get(self._payload(job_id))
@@ -214,21 +221,47 @@ class JobStore:
         """Set a final status if the job still runs ('ok'); else its status (e.g. cancelled)."""
         pairs = [item for key, value in fields.items() for item in (key, _text(value))]
         keys = [self._job(job_id), self._payload(job_id)]
-        return self._finish(keys=keys, args=[status, time.time(), self.result_ttl_s, *pairs])
+        done = self._finish(keys=keys, args=[status, time.time(), self.result_ttl_s, *pairs])
+        self.redis.zrem(self.RUNNING, job_id)
+        return done
 
     def requeue(self, job_id: str, reason: str) -> bool:
         """A running job back to queued (before a retry), in its original place."""
-        return bool(self._requeue(keys=[self._job(job_id), self.QUEUED], args=[job_id, reason]))
+        queued = bool(self._requeue(keys=[self._job(job_id), self.QUEUED], args=[job_id, reason]))
+        self.redis.zrem(self.RUNNING, job_id)
+        return queued
 
     def touch(self, job_ids: list[str], progress: dict[str, float]) -> dict[str, bool]:
         """Heartbeat the running jobs and store their progress; which are no longer running
         (cancelled or deleted). One script: a deleted job is never recreated."""
-        args = [time.time()]
+        now = time.time()
+        args = [now]
         for job_id in job_ids:
             args += [job_id, round(progress.get(job_id, -1), 4)]
         keys = [self._job(job_id) for job_id in job_ids]
         running = self._touch(keys=keys, args=args)
+        alive = {job_id: now for job_id, flag in zip(job_ids, running, strict=True) if flag}
+        if alive:
+            self.redis.zadd(self.RUNNING, alive)
         return {job_id: not flag for job_id, flag in zip(job_ids, running, strict=True)}
+
+    def stale_running(self, older_than_s: float, limit: int = 100) -> list[str]:
+        """Jobs still `in_progress` whose heartbeat stopped `older_than_s` ago: their consumer
+        died and their task was not handed out again (it was lost). Each is returned once per
+        `older_than_s` (claimed by moving its score to now), for a fresh task."""
+        now = time.time()
+        lost = []
+        for job_id in self.redis.zrangebyscore(self.RUNNING, "-inf", now - older_than_s,
+                                               start=0, num=limit):  # fmt: skip
+            status, beat = self.redis.hmget(self._job(job_id), "status", "heartbeat")
+            if status != "in_progress":
+                self.redis.zrem(self.RUNNING, job_id)
+            elif now - float(beat or 0) >= older_than_s:
+                self.redis.zadd(self.RUNNING, {job_id: now})
+                lost.append(job_id)
+            else:
+                self.redis.zadd(self.RUNNING, {job_id: float(beat)})
+        return lost
 
     def mark(self, job_id: str, **fields: Any) -> None:
         self.redis.hset(self._job(job_id), mapping={k: _text(v) for k, v in fields.items()})

@@ -243,3 +243,42 @@ def test_without_a_configured_redis_jobs_say_what_to_set(fake, app_args, monkeyp
     answer = app.post("/v1/images/generations", json={"prompt": "p"}, headers=ASYNC)
     assert answer.status_code == 503 and "SERVE_APP_REDIS_URL" in answer.json()["error"]["message"]
     assert app.post("/v1/images/generations", json={"prompt": "p"}).status_code == 200
+
+
+def test_a_running_job_whose_consumer_and_task_were_lost_is_found_once(store):
+    job_id, _ = queued(store)
+    assert store.start(job_id, "w1") == "started"
+    assert store.stale_running(30) == []  # its heartbeat is fresh
+    store.mark(job_id, heartbeat=time.time() - 60)
+    store.redis.zadd(store.RUNNING, {job_id: time.time() - 60})
+    assert store.stale_running(30) == [job_id]
+    assert store.stale_running(30) == []  # claimed: one fresh task per period
+    assert store.finish(job_id, "completed", {}) == "ok"
+    assert store.redis.zscore(store.RUNNING, job_id) is None
+
+
+def test_the_consumer_gives_lost_jobs_a_fresh_task(redis_url, app_args):
+    from serve_app.config import AppArgs
+    from serve_app.jobs.consumer import ImageJobConsumer
+    from serve_app.jobs.queue import TASK_NAME
+
+    app_args["jobs"] = {"redis_url": redis_url, "visibility_timeout_s": 10}
+    consumer = ImageJobConsumer(AppArgs.model_validate(app_args).model_dump(), {})
+    consumer._stopped.set()  # no background heartbeats in this test
+
+    class Adapter:
+        sent = []
+
+        def enqueue_task_sync(self, name, args=None, **options):
+            self.sent.append((name, args))
+
+    consumer._adapter = Adapter()
+    store = consumer.store
+    store.redis.flushdb()
+    job_id, _ = queued(store)
+    store.start(job_id, "a consumer that died")
+    store.mark(job_id, heartbeat=time.time() - 100)
+    store.redis.zadd(store.RUNNING, {job_id: time.time() - 100})
+    assert consumer.sweep() == [job_id]
+    assert Adapter.sent == [(TASK_NAME, [job_id])]
+    assert store.start(job_id, "another") == "started"  # the fresh task can run it
