@@ -30,6 +30,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("SERVE_APP_CACHE") or Path.home() / ".cache" / "serve_app")
 
 
+def stored_secret(path: Path, hex_chars: int) -> str:
+    """A random secret made once at `path` (mode 0600, written atomically) and read back after:
+    every process of this machine that asks gets the same one."""
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(hex_chars // 2))
+        os.replace(partial, path)
+    return path.read_text().strip()
+
+
 def _half_side(resolution: str) -> str:
     width, height = parse_wxh(resolution)
     return f"{round(width / 32) * 16}x{round(height / 32) * 16}"

@@ -27,7 +27,7 @@ from serve_app.http.jobs import JOBS_ROUTE, JobRoutes
 from serve_app.http.meta import MetaRoutes, ModelStatus
 from serve_app.http.middleware import RequestFrame, current_request_id
 from serve_app.http.playground import PlaygroundRoutes
-from serve_app.http.service import ImagesService, ModelClient, ModelStream
+from serve_app.http.service import ImagesService, ModelClient, ModelStream, adapter_registries
 from serve_app.metrics import IngressMetrics
 from serve_app.storage import FILES_ROUTE, JOB_FILES_ROUTE, cleanup_forever, make_store
 
@@ -85,14 +85,16 @@ class ImagesIngress:
         metrics = IngressMetrics()
         self.frame = RequestFrame(keys, self.args.limits.request_timeout_s, metrics)
         self.jobs = JobRoutes(self.args) if self.args.jobs.enabled else None
+        adapters = adapter_registries(self.args)
         self.images = ImagesService(
             self.args,
             {model_id: client_factory(handle) for model_id, handle in model_handles.items()},
             self.store,
             metrics,
             self.jobs,
+            adapters,
         )
-        self.meta = MetaRoutes(self.args, self.store, self._model_statuses)
+        self.meta = MetaRoutes(self.args, self.store, self._model_statuses, adapters)
         logger.info(
             "ImagesIngress: models %s, API keys %s",
             [model.id for model in self.args.models],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from serve_app.codec import MEDIA_TYPES
-from serve_app.config import StorageConfig, cache_root
+from serve_app.config import StorageConfig, cache_root, stored_secret
 from serve_app.contract import APIError
 
 logger = logging.getLogger("ray.serve")
@@ -209,20 +209,14 @@ def url_secret(config: StorageConfig) -> bytes:
     if secret:
         return secret.encode()
     path = cache_root() / "url-secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(secrets.token_hex(32))
-        os.replace(partial, path)
+    secret = stored_secret(path, 64)
     logger.warning(
         "%s is not set: image links are signed with the secret in %s, which only this machine "
         "has; set it on every node of a cluster.",
         config.secret_env,
         path,
     )
-    return path.read_text().strip().encode()
+    return secret.encode()
 
 
 def make_store(

@@ -36,7 +36,13 @@ StatusProbe = Callable[[], dict[str, ModelStatus]]
 
 
 class MetaRoutes:
-    def __init__(self, args: AppArgs, store: ImageStore, statuses: StatusProbe) -> None:
+    def __init__(
+        self,
+        args: AppArgs,
+        store: ImageStore,
+        statuses: StatusProbe,
+        adapters: dict[str, AdapterRegistry],
+    ) -> None:
         self.model_ids = [model.id for model in args.models]
         self.limits = {
             model.id: ModelLimits(
@@ -50,11 +56,7 @@ class MetaRoutes:
             )
             for model in args.models
         }
-        self.adapters = {
-            model.id: AdapterRegistry(model.id, model.lora)
-            for model in args.models
-            if model.lora.enabled
-        }
+        self.adapters = {model_id: r for model_id, r in adapters.items() if r.enabled}
         self.store = store
         self.statuses = statuses
         self.created = int(time.time())

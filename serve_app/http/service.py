@@ -57,6 +57,11 @@ class ModelClient(Protocol):
     async def count_text_tokens(self, prompt: str) -> int: ...
 
 
+def adapter_registries(args: AppArgs) -> dict[str, AdapterRegistry]:
+    """Each model's LoRA adapter registry (the ingress builds them once for every route)."""
+    return {model.id: AdapterRegistry(model.id, model.lora) for model in args.models}
+
+
 class ImagesService:
     """`POST /v1/images/{generations,edits,variations}` over a model client per model id."""
 
@@ -67,6 +72,7 @@ class ImagesService:
         store: ImageStore,
         metrics: IngressMetrics,
         jobs: JobRoutes | None = None,
+        adapters: Mapping[str, AdapterRegistry] | None = None,
     ) -> None:
         self.args = args
         self.limits = args.limits
@@ -75,7 +81,7 @@ class ImagesService:
         self.store = store
         self.metrics = metrics
         self.decoding = decoding.PixelBudget(args.limits.max_decoding_pixels)
-        self.adapters = {model.id: AdapterRegistry(model.id, model.lora) for model in args.models}
+        self.adapters = adapters or adapter_registries(args)
         self.jobs = jobs
 
     async def create_generation(self, request: Request) -> Response:

@@ -7,10 +7,9 @@ both from here, so they always agree on the broker, queue and retry policy.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
-from serve_app.config import JobsConfig, cache_root
+from serve_app.config import JobsConfig, cache_root, stored_secret
 
 TASK_NAME = "run_image_job"
 
@@ -21,14 +20,7 @@ def embedded_dir() -> Path:
 
 def embedded_password() -> str:
     """The embedded Redis's password: made once, kept beside its data (mode 0600)."""
-    path = embedded_dir() / "password"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(secrets.token_hex(16))
-        os.replace(path.with_suffix(".tmp"), path)
-    return path.read_text().strip()
+    return stored_secret(embedded_dir() / "password", 32)
 
 
 def redis_url(config: JobsConfig) -> str | None:
