@@ -1,7 +1,8 @@
 """The LoRA adapter registry: adapter names -> `.safetensors` files in configured places.
 
 Requests name adapters; only this module turns a name into a file, and only inside the
-configured directories and S3 prefix (a name is a plain file stem: no separators, no `..`).
+configured directories and S3 prefix (a name is a plain file stem: no separators, no `..`),
+and into the name the adapter has inside the pipeline (`pipeline_name`).
 The ingress asks it whether an adapter exists and what to list; a model replica asks it for a
 local file to load (downloading from S3 once per object version). No torch, no Ray.
 """
@@ -31,6 +32,15 @@ def check_name(name: str, param: str) -> str:
             code="invalid_adapter_name",
         )
     return name
+
+
+def pipeline_name(name: str) -> str:
+    """The adapter's name inside the pipeline. PEFT keeps adapters as module names, which may
+    not hold '.' (`anime.v2`) nor shadow a module attribute (`train`, `forward`), so each name
+    maps to its letters, digits and '_' plus a digest of the whole name (distinct names stay
+    distinct: `a.b` and `a_b` differ)."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_{digest}"
 
 
 def not_found(name: str, model_id: str, param: str) -> APIError:

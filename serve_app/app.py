@@ -45,14 +45,37 @@ def job_deployments(args: AppArgs, model_apps: dict):
     """The job consumer (Ray Serve task consumer; scales on the queue's length with Ray's
     async-inference policy) and, for `serve run`, the embedded Redis it and the ingress use.
 
-    The Redis URL is resolved once, here, and handed to every deployment in their args, so all
-    of them (and the embedded server's password) agree wherever they run."""
+    No Redis password goes through Ray: Ray's controller logs deployment arguments and policy
+    kwargs and shows them in `serve status`. Each process resolves the URL itself
+    (`queue.redis_url`) from the env var or a 0600 password file; for the embedded server the
+    file's absolute path is fixed here, so every process of the machine, the controller
+    included, reads the same one."""
     from ray.serve.task_consumer import task_consumer
 
     from serve_app.jobs.consumer import ImageJobConsumer
-    from serve_app.jobs.queue import redis_url, task_processor_config, uses_embedded
+    from serve_app.jobs.queue import (
+        embedded_dir,
+        embedded_password_file,
+        redis_url,
+        task_processor_config,
+        uses_embedded,
+    )
 
     jobs: JobsConfig = args.jobs
+    embedded = None
+    if uses_embedded(jobs):
+        from serve_app.jobs.redis_server import EmbeddedRedis
+
+        password_file = jobs.redis_password_file or str(embedded_password_file())
+        jobs = jobs.model_copy(update={"redis_password_file": password_file})
+        embedded = serve.deployment(
+            EmbeddedRedis,
+            name=REDIS_NAME,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            health_check_period_s=2,  # restarts a dead redis-server within seconds
+            logging_config=logging_config(args),
+        ).bind(jobs.embedded_port, password_file, str(embedded_dir()))
     url = redis_url(jobs)
     if url is None:
         logger.warning(
@@ -61,21 +84,8 @@ def job_deployments(args: AppArgs, model_apps: dict):
             jobs.redis_url_env,
         )
         return args, None
-    embedded = None
-    if uses_embedded(jobs):
-        from serve_app.jobs.queue import embedded_dir
-        from serve_app.jobs.redis_server import EmbeddedRedis
-
-        embedded = serve.deployment(
-            EmbeddedRedis,
-            name=REDIS_NAME,
-            num_replicas=1,
-            ray_actor_options={"num_cpus": 0},
-            health_check_period_s=2,  # restarts a dead redis-server within seconds
-            logging_config=logging_config(args),
-        ).bind(url, jobs.embedded_port, str(embedded_dir()))
-    jobs = jobs.model_copy(update={"redis_url": url})
     resolved_args = args.model_copy(update={"jobs": jobs})
+    policy_jobs = jobs.model_copy(update={"embedded": embedded is not None})
     consumer = serve.deployment(
         task_consumer(task_processor_config=task_processor_config(jobs, url))(ImageJobConsumer),
         name=CONSUMER_NAME,
@@ -87,14 +97,13 @@ def job_deployments(args: AppArgs, model_apps: dict):
             "max_replicas": 4,
             "target_ongoing_requests": 16,
             "policy": {
-                "policy_function": "ray.serve.async_inference_autoscaling_policy:"
-                "AsyncInferenceAutoscalingPolicy",
+                "policy_function": "serve_app.jobs.queue_policy:JobQueuePolicy",
+                # Where the controller runs, only the embedded server's file or the env var.
                 "policy_kwargs": {
-                    "broker_url": url,
-                    "queue_name": jobs.queue_name,
+                    "jobs": policy_jobs.model_dump(mode="json"),
                     "poll_interval_s": 5,
                 },
-            },  # fmt: skip
+            },
         },
         logging_config=logging_config(args),
     )

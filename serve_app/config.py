@@ -368,6 +368,23 @@ class UploadLimits(StrictModel):
         description="Longest a request may take end to end; past it the work is cancelled and "
         "the client gets a 504 (keep Ray's http_options.request_timeout_s above it).",
     )
+    body_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="Longest a request body may take to arrive (from when the endpoint starts "
+        "reading it, at once); past it the client gets a 408 (`body_timeout`). Ray Serve hands "
+        "a request to the ingress as soon as its headers arrive, and the replica holds one of "
+        "its `max_ongoing_requests` slots while the body streams in: a slow upload must not "
+        "keep it for the whole `request_timeout_s`.",
+    )
+    max_uploads_per_client: int = Field(
+        8,
+        ge=1,
+        description="Most request bodies one client address may be sending at once, counting "
+        "only those still arriving after 1 s; one more gets a 429 (`too_many_uploads`) with "
+        "Retry-After. Keep it well under the ingress's `max_ongoing_requests` (256), so that "
+        "one client's slow uploads leave room for `/health` and everyone else.",
+    )
 
     @model_validator(mode="after")
     def _check_budgets(self) -> UploadLimits:
@@ -444,7 +461,8 @@ class WebhookConfig(StrictModel):
     secret_env: str = Field(
         "SERVE_APP_WEBHOOK_SECRET",
         description="Environment variable holding the signing secret (Standard Webhooks: "
-        "`whsec_` + base64, or any text). Unset: `webhook_url` is refused.",
+        "`whsec_` + base64, or any text); its key must be at least 24 bytes, else the app "
+        "fails to start naming the variable. Unset: `webhook_url` is refused.",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -456,7 +474,21 @@ class WebhookConfig(StrictModel):
         description="Allow private, loopback and link-local addresses (tests, a private "
         "network). Off: such destinations are refused at submission and again at delivery.",
     )
-    timeout_s: float = Field(10, gt=0, le=120, description="Per delivery attempt.")
+    timeout_s: float = Field(
+        10,
+        gt=0,
+        le=120,
+        description="Deadline of one delivery attempt, all of it (connect, send, the answer's "
+        "status line and headers); a slower receiver fails the attempt, which is retried.",
+    )
+    workers: int = Field(4, ge=1, le=64, description="Delivery threads per replica.")
+    max_per_host: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Delivery attempts in flight at once to one host (the URL's host name, "
+        "any port); more wait their turn, so a slow host cannot hold every delivery thread.",
+    )
     max_attempts: int = Field(
         5, ge=1, le=20, description="Attempts per event, with exponential backoff from 1 s."
     )
@@ -474,6 +506,12 @@ class JobsConfig(StrictModel):
     redis_url_env: str = Field(
         "SERVE_APP_REDIS_URL", description="Environment variable read when `redis_url` is unset."
     )
+    redis_password_file: str | None = Field(
+        None,
+        description="A file holding the Redis password (e.g. a mounted Kubernetes secret), "
+        "used when the URL has none; keeps the password out of configs and of what Ray logs. "
+        "With the embedded Redis, the app points it at that server's own file.",
+    )
     embedded: bool = Field(
         True,
         description="With no URL, start a local `redis-server` (one machine: `serve run`). "
@@ -484,7 +522,16 @@ class JobsConfig(StrictModel):
     )
     queue_name: str = Field("serve_app_images", min_length=1, description="Celery queue.")
     max_queued: int = Field(
-        1000, ge=1, description="Most jobs waiting; a submission past it gets 429 + Retry-After."
+        1000,
+        ge=1,
+        description="Most jobs waiting for the model (submitted, not yet started on it: in the "
+        "queue or taken by a consumer); a submission past it gets 429 `queue_full` + Retry-After.",
+    )
+    max_queued_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Most of those one API key may have (with auth off, all requests share one "
+        "key); past it 429 `queue_full`. Unset: only `max_queued` applies.",
     )
     result_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job and its images are kept."
@@ -500,6 +547,13 @@ class JobsConfig(StrictModel):
         ge=10,  # longer than a consumer's heartbeat takes to go stale (serve_app/jobs/store.py)
         description="A job taken by a consumer that died is handed out again after this long "
         "(Redis broker); a job running longer is not run twice (heartbeats).",
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a job may run, counted from when its model accepts it (time in "
+        "the jobs queue does not count); past it the model's work stops and the job fails with "
+        "`job_timeout`. Unset: `limits.request_timeout_s`, as for a synchronous request.",
     )
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Webhooks.")
 

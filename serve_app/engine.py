@@ -7,7 +7,9 @@ one seeded ``torch.Generator`` per image, and returns PIL images per job.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -15,6 +17,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from serve_app.adapters import pipeline_name
 from serve_app.batching import group_key
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ImageJob, PreviewImages
@@ -91,6 +94,15 @@ class FluxEngine:
         # LoRA adapters loaded into the pipeline: replaced (never mutated) by the pipeline
         # thread, so other threads may read it at any time.
         self.adapters: frozenset[str] = frozenset()
+        # The prompt-length check runs on Serve's threads, beside pipeline calls. A fast
+        # tokenizer keeps truncation and padding as state on its Rust backend, so sharing the
+        # pipeline's would let one call tokenize with the other's settings (wrong images):
+        # the check has its own copy, and a lock for its own concurrent callers.
+        self._counting_tokenizer = None
+        self._counting_lock = threading.Lock()
+        # "<component>.<module>" -> (out_features, in_features) of every Linear layer, taken at
+        # load before any adapter wraps one: adapter files are checked against it off-thread.
+        self._linear_shapes: dict[str, tuple[int, int]] = {}
 
     def load(self) -> None:
         """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
@@ -139,6 +151,13 @@ class FluxEngine:
                 "reachable with access granted (HF_TOKEN)."
             ) from exc
         pipe.set_progress_bar_config(disable=True)
+        self._counting_tokenizer = copy.deepcopy(pipe.tokenizer_2)
+        self._linear_shapes = {
+            f"{component}.{module_name}": (module.out_features, module.in_features)
+            for component in ("transformer", "text_encoder")
+            for module_name, module in getattr(pipe, component).named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
         if config.vae_tiling:
             pipe.vae.enable_tiling()
         if config.vae_slicing:
@@ -239,23 +258,35 @@ class FluxEngine:
             ) from None
         if not state:
             raise AdapterLoadError(f"adapter {name!r} holds no LoRA weights")
+        self._check_adapter_finite(name, {**state, **(alphas or {})})
         self._check_adapter_shapes(name, state)
         return {**state, **(alphas or {})}  # alphas keep their keys; load_lora_weights reads them
 
+    @staticmethod
+    def _check_adapter_finite(name: str, state: dict[str, torch.Tensor | float]) -> None:
+        """Refuse NaN or infinite weights: PEFT would inject them and every image of the
+        adapter would come out black (one pass over the weights, cheap next to the read)."""
+        for key, value in state.items():
+            tensor = torch.as_tensor(value)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise AdapterLoadError(
+                    f"adapter {name!r} holds {bad} NaN or infinite weight(s) in {key}: the "
+                    "file is damaged or was trained with a diverging loss; replace it"
+                )
+
     def _check_adapter_shapes(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        modules = dict(self.pipe.transformer.named_modules())
-        text_modules = dict(self.pipe.text_encoder.named_modules())
+        """Against the layer shapes taken at load: this runs on a worker thread while the
+        pipeline thread may be wrapping or unwrapping layers for other adapters."""
         for key, tensor in state.items():
             prefix, _, rest = key.partition(".")
-            owner = {"transformer": modules, "text_encoder": text_modules}.get(prefix)
             for marker, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-                if owner is None or marker not in rest or tensor.ndim != 2:
+                if prefix not in ("transformer", "text_encoder") or marker not in rest:
                     continue
-                module = owner.get(rest.split(marker)[0])
-                module = getattr(module, "base_layer", module)  # already wrapped by PEFT
-                expected = None
-                if isinstance(module, torch.nn.Linear):
-                    expected = module.in_features if dim == 1 else module.out_features
+                if tensor.ndim != 2:
+                    continue
+                features = self._linear_shapes.get(f"{prefix}.{rest.split(marker)[0]}")
+                expected = None if features is None else features[dim]
                 if expected is None or tensor.shape[dim] != expected:
                     raise AdapterLoadError(
                         f"adapter {name!r} does not fit model {self.config.id!r}: {key} has "
@@ -266,7 +297,7 @@ class FluxEngine:
     def add_adapter(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Inject a read adapter (inactive until a call asks for it)."""
         try:
-            self.pipe.load_lora_weights(dict(state), adapter_name=name)
+            self.pipe.load_lora_weights(dict(state), adapter_name=pipeline_name(name))
         except Exception as exc:  # noqa: BLE001 - diffusers removes a half-injected adapter
             raise AdapterLoadError(f"adapter {name!r} could not be loaded: {exc}") from None
         self.adapters = self.adapters | {name}
@@ -274,7 +305,7 @@ class FluxEngine:
     def remove_adapters(self, names: Sequence[str]) -> None:
         loaded = [name for name in names if name in self.adapters]
         if loaded:
-            self.pipe.delete_adapters(loaded)
+            self.pipe.delete_adapters([pipeline_name(name) for name in loaded])
             self.adapters = self.adapters - set(loaded)
         if loaded and not self.adapters:
             self.pipe.unload_lora_weights()  # the original layers back, no PEFT wrappers left
@@ -291,11 +322,14 @@ class FluxEngine:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters([a.name for a in job.adapters], [a.scale for a in job.adapters])
+        names = [pipeline_name(a.name) for a in job.adapters]
+        self.pipe.set_adapters(names, [a.scale for a in job.adapters])
 
     def count_text_tokens(self, prompt: str) -> int:
-        """Tokens the T5 text encoder would see for `prompt`, end-of-sequence included."""
-        return len(self.pipe.tokenizer_2(prompt, truncation=False).input_ids)
+        """Tokens the T5 text encoder would see for `prompt`, end-of-sequence included. Safe
+        from any thread: never touches the pipeline's own tokenizer."""
+        with self._counting_lock:
+            return len(self._counting_tokenizer(prompt, truncation=False).input_ids)
 
     def generate(
         self, jobs: Sequence[ImageJob], step_callback: StepCallback | None = None

@@ -48,7 +48,7 @@ class RayModelClient:
         return self.handle
 
     async def generate(self, job: ImageJob) -> GenerationResult:
-        return await self._for(job).generate.remote(job)
+        return await _cancel_when_abandoned(self._for(job).generate.remote(job))
 
     def stream(self, job: ImageJob) -> ModelStream:
         return self._for(job).options(stream=True).generate_stream.remote(job)
@@ -59,10 +59,22 @@ class RayModelClient:
         from ray.serve.exceptions import BackPressureError
 
         try:
-            return await asyncio.wait_for(self.handle.count_text_tokens.remote(prompt), 10)
+            response = self.handle.count_text_tokens.remote(prompt)
+            return await asyncio.wait_for(_cancel_when_abandoned(response), 10)
         except (asyncio.TimeoutError, BackPressureError) as exc:
             logger.warning("prompt not checked before queueing: %s", type(exc).__name__)
             return 0
+
+
+async def _cancel_when_abandoned(response) -> Any:
+    """Await a `DeploymentResponse`; if the awaiting task is cancelled (the request's time limit,
+    a client that left), cancel the request in the model replica too. Cancelling the await alone
+    leaves the replica working on an answer nobody will read."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 class ImagesIngress:
@@ -94,7 +106,13 @@ class ImagesIngress:
             self.jobs,
             adapters,
         )
-        self.meta = MetaRoutes(self.args, self.store, self._model_statuses, adapters)
+        self.meta = MetaRoutes(
+            self.args,
+            self.store,
+            self._model_statuses,
+            adapters,
+            self.jobs.health if self.jobs is not None else None,
+        )
         logger.info(
             "ImagesIngress: models %s, API keys %s",
             [model.id for model in self.args.models],

@@ -26,14 +26,18 @@ def adapter_state_dict(
     seed: int = 0,
     strength: float = 0.5,
     fmt: Literal["peft", "kohya"] = "peft",
+    poison: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """LoRA weights for the attention projections (`peft`) or the double blocks' image-attention
-    output and the single blocks' output (`kohya`); `strength` scales the update."""
+    output and the single blocks' output (`kohya`); `strength` scales the update. `poison`
+    (NaN, inf) replaces one weight of every up matrix: a damaged file, which must be refused."""
     generator = torch.Generator().manual_seed(seed)
 
     def pair(in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
         up = torch.randn(out_features, rank, generator=generator) * strength
+        if poison is not None:
+            up[0, 0] = poison
         return down.contiguous(), up.contiguous()
 
     state: dict[str, torch.Tensor] = {}

@@ -21,6 +21,15 @@ from pydantic import (
 )
 
 MAX_SEED = 2**63 - 1
+MAX_USER_CHARS = 256  # OpenAI's `user` is a short id; it is written to every request's log line
+SHOWN_CHARS = 80  # how much of a client's value an error message or log line repeats
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value as an error message quotes it: `repr` of at most `limit`
+    characters, `...` after it when cut (a 900 kB `size` must not come back whole)."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 class ErrorInfo(BaseModel):
@@ -106,7 +115,11 @@ class ImageOptions(RequestModel):
     )
     response_format: str | None = Field(None, description="`b64_json` (default) or `url`.")
     guidance: float | None = Field(None, ge=0, le=100, description="Guidance scale.")
-    user: str | None = Field(None, description="End-user id; written to logs only.")
+    user: str | None = Field(
+        None,
+        max_length=MAX_USER_CHARS,
+        description=f"End-user id (at most {MAX_USER_CHARS} characters); written to logs only.",
+    )
     stream: bool | None = Field(
         None, description="Server-sent events: partial images, then the final ones."
     )
@@ -138,6 +151,8 @@ class ImageOptions(RequestModel):
         if _is_form(info) and isinstance(value, str):
             try:
                 value = json.loads(value)
+            except RecursionError:
+                raise ValueError("must be a JSON list; this JSON is nested too deeply") from None
             except ValueError:
                 raise ValueError(
                     'must be a JSON list like [{"name": "style", "scale": 0.8}]'

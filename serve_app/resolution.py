@@ -17,10 +17,12 @@ from serve_app.contract import AdapterRef, APIError, ImageJob
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
 from serve_app.protocol import (
     MAX_SEED,
+    SHOWN_CHARS,
     ImageOptions,
     ImageVariationRequest,
     InputTokensDetails,
     Usage,
+    shown,
 )
 
 if TYPE_CHECKING:
@@ -104,22 +106,24 @@ def parse_size(size: str | None, model: ModelConfig) -> tuple[int, int]:
         width, height = parse_wxh(size)
     except ValueError:
         raise APIError(
-            f"Invalid size {size!r}: use 'auto' or 'WIDTHxHEIGHT', e.g. '1024x1024'.", param="size"
+            f"Invalid size {shown(size)}: use 'auto' or 'WIDTHxHEIGHT', e.g. '1024x1024'.",
+            param="size",
         ) from None
     if width % PATCH or height % PATCH:
         raise APIError(
-            f"Invalid size {size!r}: width and height must be multiples of {PATCH}.", param="size"
+            f"Invalid size {shown(size)}: width and height must be multiples of {PATCH}.",
+            param="size",
         )
     for side in (width, height):
         if not model.min_side <= side <= model.max_side:
             raise APIError(
-                f"Invalid size {size!r}: each side must be between {model.min_side} and "
+                f"Invalid size {shown(size)}: each side must be between {model.min_side} and "
                 f"{model.max_side} pixels for model {model.id!r}.",
                 param="size",
             )
     if width * height > model.max_pixels:
         raise APIError(
-            f"Invalid size {size!r}: {width * height} pixels exceeds the limit of "
+            f"Invalid size {shown(size)}: {width * height} pixels exceeds the limit of "
             f"{model.max_pixels} for model {model.id!r}.",
             param="size",
         )
@@ -132,7 +136,7 @@ def resolve_quality(quality: str | None, model: ModelConfig) -> str:
         return model.default_quality
     if quality not in QUALITIES:
         raise APIError(
-            f"Invalid quality {quality!r}: expected one of {', '.join(QUALITIES)}.",
+            f"Invalid quality {shown(quality)}: expected one of {', '.join(QUALITIES)}.",
             param="quality",
         )
     return QUALITY_ALIASES.get(quality, quality)
@@ -143,7 +147,7 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str, param: st
         return default
     if value not in allowed:
         raise APIError(
-            f"Invalid {param} {value!r}: expected one of {', '.join(allowed)}.", param=param
+            f"Invalid {param} {shown(value)}: expected one of {', '.join(allowed)}.", param=param
         )
     return value
 
@@ -166,10 +170,10 @@ def select_model_and_adapter(
     base, colon, adapter = requested.rpartition(":")
     if colon and base in models:
         if not models[base].lora.enabled:
-            raise not_found(adapter, base, "model")
+            raise not_found(adapter[:SHOWN_CHARS], base, "model")
         return models[base], check_name(adapter, "model")
     raise APIError(
-        f"The model {requested!r} does not exist. Available: {', '.join(models)}.",
+        f"The model {shown(requested)} does not exist. Available: {', '.join(models)}.",
         status=404,
         param="model",
         code="model_not_found",
@@ -198,7 +202,7 @@ def resolve_adapters(
         return (), "lora"
     config = model.lora
     if not config.enabled:
-        raise not_found(request.lora[0].name, model.id, "lora")
+        raise not_found(request.lora[0].name[:SHOWN_CHARS], model.id, "lora")
     if len(request.lora) > config.max_per_request:
         raise APIError(
             f"{len(request.lora)} adapters requested; model {model.id!r} combines at most "

@@ -1,10 +1,22 @@
 """Body readers: JSON, multipart and `data:` URLs, with explicit limits, into wire models and
 decoded images. Every problem is an `APIError` naming the field; nothing the client sent is
-dropped silently (unknown file fields and repeated fields are refused)."""
+dropped silently (unknown file fields and repeated fields are refused).
+
+Bodies are read under a `BodyGuard`: Ray Serve hands a request to the ingress replica as soon as
+its headers arrive, and the replica holds one of its `max_ongoing_requests` slots while the body
+streams in from the proxy. So a body must arrive within `limits.body_timeout_s` (408), and one
+client address may have at most `limits.max_uploads_per_client` slow bodies arriving at once
+(429): trickled uploads cannot hold every slot, and `/health` stays answerable.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -13,16 +25,19 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
+from starlette.types import Message, Receive
 
 from serve_app.codec import decode_data_url
 from serve_app.config import UploadLimits
 from serve_app.contract import APIError
 from serve_app.protocol import (
+    SHOWN_CHARS,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageURL,
     ImageVariationRequest,
     RequestModel,
+    shown,
 )
 from serve_app.uploads import UploadError
 
@@ -36,6 +51,108 @@ class ImageUploads:
 
     images: list[Upload] = field(default_factory=list)
     mask: Upload | None = None
+
+
+SLOW_BODY_S = 1.0  # a body still arriving after this long counts as an upload in progress
+
+
+class UploadSlots:
+    """Slow bodies arriving now, per client address, in this process (one event loop)."""
+
+    def __init__(self) -> None:
+        self.active: collections.Counter[str] = collections.Counter()
+
+    def take(self, client: str, limit: int) -> bool:
+        if self.active[client] >= limit:
+            return False
+        self.active[client] += 1
+        return True
+
+    def give_back(self, client: str) -> None:
+        self.active[client] -= 1
+        if self.active[client] <= 0:
+            del self.active[client]
+
+
+UPLOADS = UploadSlots()
+
+
+class BodyGuard:
+    """A request's ASGI `receive` while its body is read: the body must be in by `deadline`
+    (408), and a body still arriving after `SLOW_BODY_S` takes one of its client's upload slots
+    (429 when none is free). Once the body is in, messages pass straight through."""
+
+    def __init__(
+        self, receive: Receive, client: str, limits: UploadLimits, slots: UploadSlots = UPLOADS
+    ) -> None:
+        started = time.monotonic()
+        self.receive, self.client, self.limits, self.slots = receive, client, limits, slots
+        self.deadline = started + min(limits.body_timeout_s, limits.request_timeout_s)
+        self.slow_at = started + SLOW_BODY_S
+        self.holds_slot = False
+        self.done = False
+
+    async def __call__(self) -> Message:
+        if self.done:
+            return await self.receive()
+        pending = asyncio.ensure_future(self.receive())
+        try:
+            while not pending.done():
+                now = time.monotonic()
+                if now >= self.deadline:
+                    raise self._timed_out()
+                if not self.holds_slot and now >= self.slow_at:
+                    self._take_slot()
+                wake = self.deadline if self.holds_slot else min(self.deadline, self.slow_at)
+                await asyncio.wait({pending}, timeout=wake - now)
+        except BaseException:
+            pending.cancel()
+            raise
+        message = pending.result()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.finish()
+        return message
+
+    def _take_slot(self) -> None:
+        if not self.slots.take(self.client, self.limits.max_uploads_per_client):
+            raise APIError(
+                f"Too many uploads in progress from your address: at most "
+                f"{self.limits.max_uploads_per_client} request bodies may be arriving at once. "
+                "Retry when one has finished.",
+                status=429,
+                code="too_many_uploads",
+                headers={"Retry-After": "2", "Connection": "close"},
+            )
+        self.holds_slot = True
+
+    def _timed_out(self) -> APIError:
+        seconds = min(self.limits.body_timeout_s, self.limits.request_timeout_s)
+        return APIError(
+            f"The request body did not arrive within {seconds:g} seconds; the server stopped "
+            "waiting for it.",
+            status=408,
+            code="body_timeout",
+            headers={"Connection": "close"},
+        )
+
+    def finish(self) -> None:
+        """The body is in (or will never be): give the upload slot back, pass messages on."""
+        self.done = True
+        if self.holds_slot:
+            self.holds_slot = False
+            self.slots.give_back(self.client)
+
+
+@asynccontextmanager
+async def guarded_body(request: Request, limits: UploadLimits) -> AsyncIterator[None]:
+    """Read the request's body (in the `with` block) under a `BodyGuard`."""
+    client = request.client.host if request.client else "-"
+    guard = BodyGuard(request._receive, client, limits)
+    request._receive = guard  # what `Request.stream()` and `Request.form()` read from
+    try:
+        yield
+    finally:
+        guard.finish()
 
 
 def content_type(request: Request) -> str:
@@ -75,24 +192,26 @@ def validation_error_to_api_error(exc: ValidationError) -> APIError:
     return APIError(message, param=param)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) more than `limit` bytes even without a Content-Length."""
+async def read_body(request: Request, limit: int, limits: UploadLimits) -> bytes:
+    """The body, refusing (413) more than `limit` bytes even without a Content-Length, under
+    `limits`' body deadline and upload slots."""
     check_body_size(request, limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(
-                f"The request body exceeds the limit of {limit} bytes.",
-                status=413,
-                code="request_too_large",
-            )
-        chunks.append(chunk)
+    async with guarded_body(request, limits):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(
+                    f"The request body exceeds the limit of {limit} bytes.",
+                    status=413,
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int) -> object:
-    body = await read_body(request, limit)
+async def read_json(request: Request, limit: int, limits: UploadLimits) -> object:
+    body = await read_body(request, limit, limits)
     if not body:
         raise APIError("The request body is empty; send a JSON object.")
     try:
@@ -115,9 +234,10 @@ async def read_multipart(
             "multipart uploads need a Content-Length header.", status=411, code="length_required"
         )
     try:
-        form = await request.form(
-            max_files=limits.max_input_images + 1, max_fields=64, max_part_size=1024 * 1024
-        )
+        async with guarded_body(request, limits):
+            form = await request.form(
+                max_files=limits.max_input_images + 1, max_fields=64, max_part_size=1024 * 1024
+            )
     except (MultiPartException, HTTPException) as exc:
         message = getattr(exc, "message", None) or getattr(exc, "detail", str(exc))
         if "Too many files" in message:
@@ -136,7 +256,9 @@ async def read_multipart(
             elif key in lists:
                 lists[key].append(value)
             elif key in fields:
-                raise APIError(f"Parameter {key!r} was sent more than once.", param=key)
+                raise APIError(
+                    f"Parameter {shown(key)} was sent more than once.", param=key[:SHOWN_CHARS]
+                )
             else:
                 fields[key] = value
     finally:
@@ -170,9 +292,9 @@ async def _read_file(
 ) -> bytes:
     if key not in file_fields:
         raise APIError(
-            f"Unexpected file field {key!r}; this endpoint takes "
+            f"Unexpected file field {shown(key)}; this endpoint takes "
             f"{', '.join(repr(f) for f in file_fields)}.",
-            param=key,
+            param=key[:SHOWN_CHARS],
         )
     if upload.size is not None and upload.size > limits.max_image_bytes:
         raise APIError(
@@ -200,7 +322,7 @@ def _unsupported_media(message: str) -> APIError:
 async def read_generation(request: Request, limits: UploadLimits) -> ImageGenerationRequest:
     """`POST /v1/images/generations`: a JSON body."""
     check_body_size(request, limits.max_request_bytes)
-    data = await read_json(request, limits.max_json_bytes)
+    data = await read_json(request, limits.max_json_bytes, limits)
     _refuse_fields(
         data,
         ("image", "images", "mask"),
@@ -221,7 +343,9 @@ async def read_edit(
         images = [(name, data) for name, data in files if name != "mask"]
         masks = [(name, data) for name, data in files if name == "mask"]
     elif kind == "application/json":
-        parsed = parse_model(ImageEditRequest, await read_json(request, limits.max_request_bytes))
+        parsed = parse_model(
+            ImageEditRequest, await read_json(request, limits.max_request_bytes, limits)
+        )
         images = [_data_url(ref, f"images[{i}]") for i, ref in enumerate(parsed.images or [])]
         masks = [_data_url(parsed.mask, "mask")] if parsed.mask else []
     else:

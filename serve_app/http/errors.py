@@ -17,6 +17,8 @@ from serve_app.contract import APIError
 from serve_app.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("ray.serve")
+# Messages quote client values cut short (`protocol.shown`); this bounds any that slipped through.
+MAX_MESSAGE_CHARS = 2000
 
 
 # Failures of the serving machinery: what the client is told, and whether to retry.
@@ -76,7 +78,10 @@ def as_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
 
 def error_body(error: APIError, request_id: str | None = None) -> ErrorResponse:
     """The envelope; the request id ends the message so users can quote it."""
-    message = f"{error.message} (request id {request_id})" if request_id else error.message
+    message = error.message
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    message = f"{message} (request id {request_id})" if request_id else message
     info = ErrorInfo(message=message, type=error.type, param=error.param, code=error.code)
     return ErrorResponse(error=info)
 

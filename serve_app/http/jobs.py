@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import shutil
+import threading
 import time
 
 from starlette.requests import Request
@@ -21,16 +24,17 @@ from serve_app.http.responses import signed_file
 from serve_app.jobs import payload
 from serve_app.jobs.metrics import JobMetrics
 from serve_app.jobs.objects import job_object
-from serve_app.jobs.queue import TASK_NAME, redis_url, task_processor_config
+from serve_app.jobs.queue import TASK_NAME, redis_url, task_processor_config, uses_embedded
 from serve_app.jobs.store import FINISHED, JobStore, QueueFull, new_job_id
 from serve_app.jobs.webhooks import WebhookSender, check_webhook_url
-from serve_app.protocol import ImageJobList
+from serve_app.protocol import ImageJobList, shown
 from serve_app.resolution import ResolvedGeneration
 from serve_app.storage import make_job_store, url_secret
 
 logger = logging.getLogger("ray.serve")
 
 JOBS_ROUTE = "/v1/images/jobs"
+JOB_ID = re.compile(r"imgjob_[0-9a-f]{24}")  # the shape `store.new_job_id` makes
 
 
 class _NoRedis:
@@ -60,7 +64,12 @@ class JobRoutes:
         self.config = args.jobs
         self.url = redis_url(self.config)
         self.store = (
-            JobStore(self.url, self.config.result_ttl_s, self.config.max_queued)
+            JobStore(
+                self.url,
+                self.config.result_ttl_s,
+                self.config.max_queued,
+                self.config.max_queued_per_key,
+            )  # fmt: skip
             if self.url
             else _NoRedis(self.config.redis_url_env)
         )
@@ -71,6 +80,7 @@ class JobRoutes:
         self.metrics = JobMetrics()
         self.webhooks = WebhookSender(self.config.webhooks, self.metrics.webhook_outcome)
         self._producer = None
+        self._producer_lock = threading.Lock()  # submissions enqueue on worker threads
 
     # --- submission ----------------------------------------------------------------------------
     async def submit(
@@ -111,9 +121,11 @@ class JobRoutes:
         data = await asyncio.to_thread(payload.job_to_bytes, job)
         try:
             position = await asyncio.to_thread(self.store.submit, job_id, fields, data)
-        except QueueFull:
+        except QueueFull as full:
+            whose = "of this API key " if full.per_key else ""
             raise APIError(
-                f"The job queue is full ({self.config.max_queued} jobs wait); retry later.",
+                f"The job queue is full ({full.limit} jobs {whose}wait for the model); retry "
+                "later.",
                 status=429,
                 code="queue_full",
                 headers={"Retry-After": "30"},
@@ -133,45 +145,63 @@ class JobRoutes:
         return JSONResponse(body, status_code=202, headers=headers)
 
     def _enqueue(self, job_id: str) -> None:
-        if self._producer is None:
-            from ray.serve.task_consumer import instantiate_adapter_from_config
+        with self._producer_lock:  # one producer, made once, however many threads submit
+            if self._producer is None:
+                from ray.serve.task_consumer import instantiate_adapter_from_config
 
-            config = task_processor_config(self.config, self.url)
-            self._producer = instantiate_adapter_from_config(config)
+                config = task_processor_config(self.config, self.url)
+                self._producer = instantiate_adapter_from_config(config)
         self._producer.enqueue_task_sync(TASK_NAME, args=[job_id])
 
     def _unavailable(self, exc: Exception) -> APIError:
         logger.warning("job submission failed: Redis unavailable: %s", exc)
-        embedded = (self.url or "").endswith(f"@127.0.0.1:{self.config.embedded_port}/0")
-        hint = (
-            " The embedded Redis needs a redis-server binary (apt-get install redis-server)."
-            if embedded
-            else ""
-        )
-        reason = (
-            f"no Redis is configured (set ${self.config.redis_url_env} on every node)"
-            if self.url is None
-            else f"their Redis cannot be reached ({type(exc).__name__})"
-        )
         return APIError(
-            f"Asynchronous jobs are unavailable: {reason}.{hint} Synchronous requests still "
-            "work; retry later.",
+            f"Asynchronous jobs are unavailable: {self.unavailable_reason(exc)}. Synchronous "
+            "requests still work; retry later.",
             status=503,
             code="jobs_unavailable",
             headers={"Retry-After": "10"},
         )
 
+    def unavailable_reason(self, exc: Exception) -> str:
+        """What stops jobs, as precisely as the error allows (`/health` and 503s say it)."""
+        import redis
+
+        if self.url is None:
+            return f"no Redis is configured (set ${self.config.redis_url_env} on every node)"
+        where = "the embedded Redis" if uses_embedded(self.config) else "their Redis"
+        if isinstance(exc, redis.AuthenticationError | redis.ResponseError):
+            port = f" on port {self.config.embedded_port}" if uses_embedded(self.config) else ""
+            return (
+                f"{where}{port} refuses this app's password (another Redis server holds the "
+                "port? stop it, or set jobs.embedded_port to a free port)"
+            )
+        if uses_embedded(self.config) and shutil.which("redis-server") is None:
+            return f"{where} needs a redis-server binary (apt-get install redis-server)"
+        return f"{where} cannot be reached ({type(exc).__name__})"
+
+    async def health(self) -> str | None:
+        """None when jobs can be submitted now; else why not."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.store.ping), 3)
+        except Exception as exc:  # noqa: BLE001 - any failure makes jobs unavailable
+            return self.unavailable_reason(exc)
+        return None
+
     # --- routes ----------------------------------------------------------------------------------
     async def _owned(self, request: Request) -> dict[str, str]:
         job_id = request.path_params["job_id"]
+        not_found = APIError(
+            f"No job {shown(job_id)}.", status=404, param="job_id", code="job_not_found"
+        )
+        if not JOB_ID.fullmatch(job_id):  # no id we made: Redis is not asked (nor its keys)
+            raise not_found
         try:
             record = await asyncio.to_thread(self.store.get, job_id)
         except Exception as exc:  # noqa: BLE001
             raise self._unavailable(exc) from None
         if record is None or record.get("owner") != request.state.key_name:
-            raise APIError(
-                f"No job {job_id[:80]!r}.", status=404, param="job_id", code="job_not_found"
-            )
+            raise not_found
         return record
 
     def _base_url(self, request: Request) -> str:
@@ -189,17 +219,20 @@ class JobRoutes:
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def delete_job(self, request: Request) -> Response:
-        """Cancel a queued or running job; delete a finished one with its images."""
-        record = await self._owned(request)
-        job_id = record["id"]
-        if record["status"] in FINISHED:
-            await asyncio.to_thread(self._delete_finished, record)
-            self.metrics.jobs.inc(tags={"status": "deleted"})
+        """Cancel a queued or running job; delete a finished one with its images. The store's
+        cancel script decides and reads the job in one step, so each of concurrent deletes
+        answers a state the job really had after it: cancelled, or deleted."""
+        job_id = (await self._owned(request))["id"]
+        try:
+            before, record = await asyncio.to_thread(self.store.cancel_and_get, job_id)
+        except Exception as exc:  # noqa: BLE001
+            raise self._unavailable(exc) from None
+        if record is None or before in FINISHED:  # deleted meanwhile, or final: delete it
+            if record is not None:
+                await asyncio.to_thread(self._delete_finished, record)
+                self.metrics.jobs.inc(tags={"status": "deleted"})
             return JSONResponse({"id": job_id, "object": "image.job.deleted", "deleted": True})
-        before = await asyncio.to_thread(self.store.cancel, job_id)
-        if before in ("queued", "in_progress"):
-            self.metrics.jobs.inc(tags={"status": "cancelled"})
-        record = await asyncio.to_thread(self.store.get, job_id) or record
+        self.metrics.jobs.inc(tags={"status": "cancelled"})
         body = job_object(record, self.images, self._base_url(request))
         if before == "queued" and record.get("webhook_url"):  # no consumer will see it
             message = body.model_dump_json().encode()

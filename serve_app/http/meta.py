@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -16,7 +16,7 @@ from serve_app.config import AppArgs
 from serve_app.contract import APIError
 from serve_app.http.responses import signed_file
 from serve_app.openapi import openapi_document
-from serve_app.protocol import ModelCard, ModelLimits, ModelList
+from serve_app.protocol import ModelCard, ModelLimits, ModelList, shown
 from serve_app.storage import ImageStore
 
 logger = logging.getLogger("ray.serve")
@@ -33,6 +33,8 @@ class ModelStatus:
 
 # Model id -> its deployment's status.
 StatusProbe = Callable[[], dict[str, ModelStatus]]
+# None when asynchronous jobs can be submitted now; else why not.
+JobsProbe = Callable[[], Awaitable[str | None]]
 
 
 class MetaRoutes:
@@ -42,7 +44,9 @@ class MetaRoutes:
         store: ImageStore,
         statuses: StatusProbe,
         adapters: dict[str, AdapterRegistry],
+        jobs: JobsProbe | None = None,
     ) -> None:
+        self.jobs = jobs
         self.model_ids = [model.id for model in args.models]
         self.limits = {
             model.id: ModelLimits(
@@ -82,7 +86,7 @@ class MetaRoutes:
         ):
             return JSONResponse(self._card(base, adapter).model_dump())
         raise APIError(
-            f"The model {model_id!r} does not exist.",
+            f"The model {shown(model_id)} does not exist.",
             status=404,
             param="model",
             code="model_not_found",
@@ -114,7 +118,9 @@ class MetaRoutes:
     async def health(self, request: Request) -> Response:
         """Readiness: 200 when every model can serve now (at least one running replica), also
         while its deployment scales or updates; 503 `not_ready` otherwise. Liveness is Ray
-        Serve's own `/-/healthz` on the proxy."""
+        Serve's own `/-/healthz` on the proxy. Asynchronous jobs that cannot be submitted make
+        it 200 `degraded` with the reason: synchronous requests still work, and every replica
+        shares the same Redis, so taking this one out of a load balancer would not help."""
         statuses = await asyncio.to_thread(self.statuses)
         not_ready = [model for model, s in statuses.items() if s.running_replicas < 1]
         body = {
@@ -128,7 +134,14 @@ class MetaRoutes:
                 code="not_ready",
                 headers={"Retry-After": "5"},
             )
-        return JSONResponse({"status": "ok", "models": body})
+        health: dict = {"status": "ok", "models": body}
+        if self.jobs is not None:
+            reason = await self.jobs()
+            health["jobs"] = (
+                {"status": "unavailable", "reason": reason} if reason else {"status": "ok"}
+            )
+            health["status"] = "degraded" if reason else "ok"
+        return JSONResponse(health)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(self._openapi)

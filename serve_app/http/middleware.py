@@ -29,6 +29,7 @@ logger = logging.getLogger("ray.serve")
 REQUEST_ID_HEADER = "x-request-id"
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the answer
+LOG_TEXT_CHARS = 256  # the most of any one client-supplied string a log line repeats
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -94,6 +95,8 @@ class RequestFrame:
         status = getattr(exc, "status", None)
         if status == 401:
             self.metrics.rejected.inc(tags={"reason": "auth"})
+        elif getattr(exc, "code", None) in ("too_many_uploads", "body_timeout"):
+            self.metrics.rejected.inc(tags={"reason": "slow_upload"})
         elif isinstance(exc, BackPressureError) or status == 429:
             self.metrics.rejected.inc(tags={"reason": "backpressure"})
         elif status == 413:
@@ -121,4 +124,13 @@ class RequestFrame:
             "status": status,
             "seconds": round(seconds, 4),
         }
+        line = {name: _loggable(value) for name, value in line.items()}
         logger.info("request_done %s", json.dumps(line))
+
+
+def _loggable(value: object) -> object:
+    """Text a client chose (path, `user`, ...) cut to `LOG_TEXT_CHARS`: a cheap request must
+    not write a huge log line."""
+    if isinstance(value, str) and len(value) > LOG_TEXT_CHARS:
+        return value[:LOG_TEXT_CHARS] + "..."
+    return value

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serve_app.contract import APIError
+from serve_app.protocol import shown
 
 ASSETS = Path(__file__).resolve().parent.parent / "playground"
 MEDIA_TYPES = {
@@ -36,7 +37,7 @@ class PlaygroundRoutes:
 
     def _file(self, name: str) -> Response:
         if name not in self.files:
-            raise APIError(f"No playground file {name!r}.", status=404, code="not_found")
+            raise APIError(f"No playground file {shown(name)}.", status=404, code="not_found")
         data, media_type = self.files[name]
         return Response(data, media_type=media_type, headers=SECURITY_HEADERS)
 

@@ -229,7 +229,11 @@ class ImagesService:
         JSON error; a failure after the stream started ends it with an `error` event.
         """
         request_id, deadline = request.state.request_id, request.state.deadline
-        accepted = await events.__anext__()
+        try:
+            accepted = await events.__anext__()
+        except BaseException:  # refused, or the time limit hit before the first event
+            events.cancel()
+            raise
         if not isinstance(accepted, Accepted):
             raise RuntimeError(f"a model stream must start with Accepted, got {accepted!r}")
         usage = build_usage(resolved, accepted.text_tokens, image_input_tokens)

@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.task_consumer import task_handler
 
 from serve_app.config import AppArgs
-from serve_app.contract import APIError, Completed, ImageJob, Progress
+from serve_app.contract import Accepted, APIError, Completed, ImageJob, Progress
 from serve_app.jobs import payload
 from serve_app.jobs.metrics import JobMetrics
 from serve_app.jobs.queue import TASK_NAME, redis_url
@@ -49,6 +49,8 @@ class Running:
     stream: Any = None
     progress: float = 0.0
     cancelled: bool = False
+    deadline: float | None = None  # monotonic; set when the model accepts the job
+    timed_out: bool = False
 
 
 class ImageJobConsumer:
@@ -67,6 +69,7 @@ class ImageJobConsumer:
         self.metrics = JobMetrics()
         self.webhooks = WebhookSender(config.webhooks, self.metrics.webhook_outcome)
         self.worker = _replica_id()
+        self.timeout_s = config.timeout_s or self.args.limits.request_timeout_s
         self._running: dict[str, Running] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -123,7 +126,9 @@ class ImageJobConsumer:
                 running.stream.cancel()
             try:
                 for event in running.stream:
-                    if isinstance(event, Progress):
+                    if isinstance(event, Accepted) and running.deadline is None:
+                        running.deadline = time.monotonic() + self.timeout_s  # heartbeats watch
+                    elif isinstance(event, Progress):
                         running.progress = event.fraction
                     elif isinstance(event, Completed):
                         result = event.result
@@ -131,12 +136,25 @@ class ImageJobConsumer:
             except BackPressureError:
                 time.sleep(1)  # the model deployment is full: wait our turn, not a retry
             except Exception:
+                if running.timed_out:
+                    raise self._timed_out() from None
                 if running.cancelled:
                     raise JobCancelled() from None
                 raise
+        if running.timed_out:
+            raise self._timed_out()
         if running.cancelled or result is None:
             raise JobCancelled()
         return result
+
+    def _timed_out(self) -> APIError:
+        return APIError(
+            f"The job ran longer than this server's time limit for a job ({self.timeout_s:g} s, "
+            "counted from when the model accepted it) and was stopped. Ask for fewer or smaller "
+            "images, or fewer steps.",
+            status=504,
+            code="job_timeout",
+        )
 
     def _complete(self, job_id: str, record: dict[str, str], result) -> str:
         resolved = payload.resolved_from_json(record["resolved"])
@@ -216,6 +234,7 @@ class ImageJobConsumer:
                     logger.warning("job sweep failed: %s", exc)
             with self._lock:
                 running = dict(self._running)
+            self._stop_overdue(running)
             try:
                 self.metrics.queue_length.set(self.store.queue_length())
                 if not running:
@@ -237,6 +256,18 @@ class ImageJobConsumer:
                     entry.cancelled = True
                     if entry.stream is not None:
                         entry.stream.cancel()
+
+    @staticmethod
+    def _stop_overdue(running: dict[str, Running]) -> None:
+        """Cancel the model request of each job past its time limit (the model stops it at its
+        next denoising step; `_generate` then fails the job with `job_timeout`)."""
+        now = time.monotonic()
+        for job_id, entry in running.items():
+            if entry.deadline is not None and now > entry.deadline and not entry.timed_out:
+                logger.warning("job %s ran past its time limit: stopping its model request", job_id)
+                entry.timed_out = True
+                if entry.stream is not None:
+                    entry.stream.cancel()
 
     def check_health(self) -> None:
         """Unhealthy (so Serve replaces the replica) when the Celery worker thread has stopped:

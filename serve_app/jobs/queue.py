@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from serve_app.config import JobsConfig, cache_root, stored_secret
 
@@ -18,22 +19,49 @@ def embedded_dir() -> Path:
     return cache_root() / "redis"
 
 
-def embedded_password() -> str:
+def embedded_password_file() -> Path:
     """The embedded Redis's password: made once, kept beside its data (mode 0600)."""
-    return stored_secret(embedded_dir() / "password", 32)
+    path = embedded_dir() / "password"
+    stored_secret(path, 32)
+    return path
 
 
 def redis_url(config: JobsConfig) -> str | None:
-    """`jobs.redis_url`, else `$<jobs.redis_url_env>`, else the embedded server's URL (None
-    when `jobs.embedded` is off: jobs are then unavailable)."""
-    if config.redis_url:
-        return config.redis_url
-    from_env = os.environ.get(config.redis_url_env)
-    if from_env:
-        return from_env
-    if not config.embedded:
-        return None
-    return f"redis://:{embedded_password()}@127.0.0.1:{config.embedded_port}/0"
+    """The Redis URL with its password, resolved in the process that uses it: `jobs.redis_url`,
+    else `$<jobs.redis_url_env>`, else the embedded server's (None when `jobs.embedded` is off:
+    jobs are then unavailable). A URL without a password takes `jobs.redis_password_file`'s.
+
+    Never pass the result through Ray (deployment args, autoscaling policy kwargs): Ray's
+    controller logs and shows those. Pass the `JobsConfig`, which holds no password unless an
+    operator wrote one into `redis_url`."""
+    url = config.redis_url or os.environ.get(config.redis_url_env)
+    password_file = config.redis_password_file
+    if not url:
+        if not config.embedded:
+            return None
+        url = f"redis://127.0.0.1:{config.embedded_port}/0"
+        password_file = password_file or str(embedded_password_file())
+    if password_file:
+        url = with_password(url, Path(password_file).expanduser().read_text().strip())
+    return url
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password`, unless it already has one."""
+    parts = urlsplit(url)
+    if parts.password or not password:
+        return url
+    user = quote(parts.username or "", safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc}"))
+
+
+def redacted(url: str) -> str:
+    """`url` with its password replaced by `***`, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def uses_embedded(config: JobsConfig) -> bool:

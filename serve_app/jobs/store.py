@@ -2,9 +2,16 @@
 
 Every state change is one Lua script, so an ingress cancelling a job and a consumer finishing it
 can never both win. Keys (prefix `serve_app:`): `job:<id>` (hash), `job:<id>:payload` (the
-queued `ImageJob`), `queued` (sorted set, id by submission order), `owner:<name>` (sorted set),
+queued `ImageJob`), `queued` (sorted set, id by submission order: jobs no consumer has taken),
+`waiting` (sorted set: jobs the model has not started, taken by a consumer or not) with
+`waiting_by_owner` (hash: owner -> how many of those are theirs), `owner:<name>` (sorted set),
 `seq` (counter). A finished job expires after `result_ttl_s`; its payload is deleted when it
 finishes. Synchronous (redis-py): the ingress calls it on worker threads, the consumer directly.
+
+`jobs.max_queued` bounds `waiting`, not the broker's queue: each consumer replica takes many
+tasks off the broker at once (one per Celery thread), and those jobs still wait on the model.
+A job stops waiting when its consumer's heartbeat reports progress (its first denoising step
+ran), or when it finishes, is cancelled or deleted; a retry makes it wait again.
 """
 
 from __future__ import annotations
@@ -19,14 +26,30 @@ FINISHED = ("completed", "failed", "cancelled")
 HEARTBEAT_S = 1.0  # consumers touch the jobs they run this often
 STALE_S = 6.0  # a running job not touched for this long lost its consumer
 
+# Leaving `waiting` (KEYS: waiting, waiting_by_owner), idempotent: a count moves only with a
+# member, so the two always agree.
+_UNWAIT = """
+local function unwait(waiting, counts, id, owner)
+  if redis.call('ZREM', waiting, id) == 1 and owner then
+    if redis.call('HINCRBY', counts, owner, -1) <= 0 then redis.call('HDEL', counts, owner) end
+  end
+end
+"""
+
 _SUBMIT = """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+if redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[1]) then return -1 end
+local per_key = tonumber(ARGV[4])
+if per_key > 0 and tonumber(redis.call('HGET', KEYS[7], ARGV[5]) or '0') >= per_key then
+  return -2
+end
 local seq = redis.call('INCR', KEYS[5])
 redis.call('SET', KEYS[3], ARGV[2])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], 'seq', seq)
 redis.call('ZADD', KEYS[1], seq, ARGV[3])
 redis.call('ZADD', KEYS[4], seq, ARGV[3])
+redis.call('ZADD', KEYS[6], seq, ARGV[3])
+redis.call('HINCRBY', KEYS[7], ARGV[5], 1)
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -10001)  -- an owner's newest 10,000 are listed
 return redis.call('ZRANK', KEYS[1], ARGV[3])
 """
@@ -49,53 +72,106 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 'started'
 """
 
-_FINISH = """
+_FINISH = (
+    _UNWAIT
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'in_progress' then return status or 'missing' end
+unwait(KEYS[3], KEYS[4], ARGV[4], redis.call('HGET', KEYS[1], 'owner'))
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 'ok'
 """
+)
 
-_CANCEL = """
+# The status before and the record after, in one step: concurrent deletes of one job each see
+# a state it really had (the first cancels it; a later one finds it cancelled, or gone).
+_CANCEL = (
+    _UNWAIT
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
+if not status then return {'missing', {}} end
 if status == 'queued' or status == 'in_progress' then
+  unwait(KEYS[4], KEYS[5], ARGV[1], redis.call('HGET', KEYS[1], 'owner'))
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'cancel', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[3])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
-return status
+return {status, redis.call('HGETALL', KEYS[1])}
 """
+)
 
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'progress', '0', 'last_error', ARGV[2])
-redis.call('ZADD', KEYS[2], tonumber(redis.call('HGET', KEYS[1], 'seq')), ARGV[1])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+if redis.call('ZADD', KEYS[3], 'NX', seq, ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[4], redis.call('HGET', KEYS[1], 'owner'), 1)
+end
 return 1
 """
 
+_FORGET = (
+    _UNWAIT
+    + """
+unwait(KEYS[6], KEYS[7], ARGV[1], ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+"""
+)
 
-_TOUCH = """
+# Waiting jobs that no longer exist or are final (only after outside interference, e.g. a key
+# deleted by hand) leave `waiting`, and the per-owner counts are recounted from it.
+_RECOUNT = """
+redis.call('DEL', KEYS[2])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local record = redis.call('HMGET', ARGV[1] .. id, 'status', 'owner')
+  local status = record[1]
+  if status == 'queued' or status == 'in_progress' then
+    redis.call('HINCRBY', KEYS[2], record[2] or '', 1)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+"""
+
+
+# KEYS: waiting, waiting_by_owner, then the jobs; progress above 0 means the model runs the job.
+_TOUCH = (
+    _UNWAIT
+    + """
 local result = {}
-for i, key in ipairs(KEYS) do
+for i = 1, #KEYS - 2 do
+  local key = KEYS[i + 2]
   local running = redis.call('HGET', key, 'status') == 'in_progress'
   if running then
     redis.call('HSET', key, 'heartbeat', ARGV[1])
     local progress = tonumber(ARGV[2 * i + 1])
     if progress >= 0 then redis.call('HSET', key, 'progress', ARGV[2 * i + 1]) end
+    if progress > 0 then
+      unwait(KEYS[1], KEYS[2], ARGV[2 * i], redis.call('HGET', key, 'owner'))
+    end
   end
   result[i] = running and 1 or 0
 end
 return result
 """
+)
 
 
 class QueueFull(Exception):
-    """`max_queued` jobs already wait."""
+    """`limit` jobs already wait for the model: of all keys, or (`per_key`) of this key."""
+
+    def __init__(self, limit: int, per_key: bool = False) -> None:
+        super().__init__(limit, per_key)
+        self.limit = limit
+        self.per_key = per_key
 
 
 def new_job_id() -> str:
@@ -103,7 +179,13 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    def __init__(self, redis_url: str, result_ttl_s: int, max_queued: int) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        result_ttl_s: int,
+        max_queued: int,
+        max_queued_per_key: int | None = None,
+    ) -> None:
         import redis
 
         options = {"socket_connect_timeout": 2, "socket_timeout": 10, "retry_on_timeout": True}
@@ -111,11 +193,14 @@ class JobStore:
         self.raw = redis.Redis.from_url(redis_url, **options)  # payload bytes
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
+        self.max_queued_per_key = max_queued_per_key
         self._submit = self.redis.register_script(_SUBMIT)
         self._start = self.redis.register_script(_START)
         self._finish = self.redis.register_script(_FINISH)
         self._cancel = self.redis.register_script(_CANCEL)
         self._requeue = self.redis.register_script(_REQUEUE)
+        self._forget = self.redis.register_script(_FORGET)
+        self._recount = self.redis.register_script(_RECOUNT)
         self._touch = self.redis.register_script(_TOUCH)
 
     # --- keys --------------------------------------------------------------------------------
@@ -133,6 +218,8 @@ class JobStore:
 
     QUEUED = PREFIX + "queued"
     RUNNING = PREFIX + "running"  # id by last heartbeat: where the sweeper looks
+    WAITING = PREFIX + "waiting"  # what `max_queued` bounds: jobs the model has not started
+    WAITING_BY_OWNER = PREFIX + "waiting_by_owner"
     SEQ = PREFIX + "seq"
 
     # --- ingress -----------------------------------------------------------------------------
@@ -140,23 +227,26 @@ class JobStore:
         self.redis.ping()
 
     def submit(self, job_id: str, fields: dict[str, Any], payload: bytes) -> int:
-        """Record a queued job and its payload; its queue position. `QueueFull` past the limit."""
+        """Record a queued job and its payload; its queue position. `QueueFull` when
+        `max_queued` jobs (or `max_queued_per_key` of this owner's) wait for the model."""
+        owner = fields["owner"]
         pairs = [item for key, value in fields.items() for item in (key, _text(value))]
-        keys = [self.QUEUED, self._job(job_id), self._payload(job_id),
-                self._owner(fields["owner"]), self.SEQ]  # fmt: skip
-        position = self._submit(keys=keys, args=[self.max_queued, payload, job_id, *pairs])
+        keys = [self.QUEUED, self._job(job_id), self._payload(job_id), self._owner(owner),
+                self.SEQ, self.WAITING, self.WAITING_BY_OWNER]  # fmt: skip
+        per_key = self.max_queued_per_key or 0
+        args = [self.max_queued, payload, job_id, per_key, owner, *pairs]
+        position = self._submit(keys=keys, args=args)
         if position == -1:
-            raise QueueFull()
+            raise QueueFull(self.max_queued)
+        if position == -2:
+            raise QueueFull(per_key, per_key=True)
         return int(position)
 
     def forget(self, job_id: str, owner: str) -> None:
         """Remove a job entirely (a submission whose task could not be enqueued; a delete)."""
-        pipe = self.redis.pipeline()
-        pipe.delete(self._job(job_id), self._payload(job_id))
-        pipe.zrem(self.QUEUED, job_id)
-        pipe.zrem(self.RUNNING, job_id)
-        pipe.zrem(self._owner(owner), job_id)
-        pipe.execute()
+        keys = [self._job(job_id), self._payload(job_id), self.QUEUED, self.RUNNING,
+                self._owner(owner), self.WAITING, self.WAITING_BY_OWNER]  # fmt: skip
+        self._forget(keys=keys, args=[job_id, owner])
 
     def get(self, job_id: str) -> dict[str, str] | None:
         record = self.redis.hgetall(self._job(job_id))
@@ -196,13 +286,27 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """Cancel a queued or running job; its status before ('missing' if none)."""
-        keys = [self._job(job_id), self.QUEUED, self._payload(job_id)]
-        before = self._cancel(keys=keys, args=[job_id, time.time(), self.result_ttl_s])
+        return self.cancel_and_get(job_id)[0]
+
+    def cancel_and_get(self, job_id: str) -> tuple[str, dict[str, str] | None]:
+        """Cancel a queued or running job. Its status before ('missing' if none) and, read in
+        the same step, its record after (None: gone, e.g. deleted by a concurrent delete)."""
+        keys = [self._job(job_id), self.QUEUED, self._payload(job_id), self.WAITING,
+                self.WAITING_BY_OWNER]  # fmt: skip
+        before, flat = self._cancel(keys=keys, args=[job_id, time.time(), self.result_ttl_s])
         self.redis.zrem(self.RUNNING, job_id)
-        return before
+        record = dict(zip(flat[::2], flat[1::2], strict=True))
+        return before, record or None
 
     def queue_length(self) -> int:
+        """Jobs no consumer has taken yet (the broker's backlog)."""
         return int(self.redis.zcard(self.QUEUED))
+
+    def waiting(self, owner: str | None = None) -> int:
+        """Jobs the model has not started (what `max_queued` bounds); of one owner if given."""
+        if owner is None:
+            return int(self.redis.zcard(self.WAITING))
+        return int(self.redis.hget(self.WAITING_BY_OWNER, owner) or 0)
 
     # --- consumer ----------------------------------------------------------------------------
     def start(self, job_id: str, worker: str) -> str:
@@ -220,25 +324,28 @@ class JobStore:
     def finish(self, job_id: str, status: str, fields: dict[str, Any]) -> str:
         """Set a final status if the job still runs ('ok'); else its status (e.g. cancelled)."""
         pairs = [item for key, value in fields.items() for item in (key, _text(value))]
-        keys = [self._job(job_id), self._payload(job_id)]
-        done = self._finish(keys=keys, args=[status, time.time(), self.result_ttl_s, *pairs])
+        keys = [self._job(job_id), self._payload(job_id), self.WAITING, self.WAITING_BY_OWNER]
+        args = [status, time.time(), self.result_ttl_s, job_id, *pairs]
+        done = self._finish(keys=keys, args=args)
         self.redis.zrem(self.RUNNING, job_id)
         return done
 
     def requeue(self, job_id: str, reason: str) -> bool:
         """A running job back to queued (before a retry), in its original place."""
-        queued = bool(self._requeue(keys=[self._job(job_id), self.QUEUED], args=[job_id, reason]))
+        keys = [self._job(job_id), self.QUEUED, self.WAITING, self.WAITING_BY_OWNER]
+        queued = bool(self._requeue(keys=keys, args=[job_id, reason]))
         self.redis.zrem(self.RUNNING, job_id)
         return queued
 
     def touch(self, job_ids: list[str], progress: dict[str, float]) -> dict[str, bool]:
         """Heartbeat the running jobs and store their progress; which are no longer running
-        (cancelled or deleted). One script: a deleted job is never recreated."""
+        (cancelled or deleted). A job with progress above 0 has started on the model: it no
+        longer counts against `max_queued`. One script: a deleted job is never recreated."""
         now = time.time()
         args = [now]
         for job_id in job_ids:
             args += [job_id, round(progress.get(job_id, -1), 4)]
-        keys = [self._job(job_id) for job_id in job_ids]
+        keys = [self.WAITING, self.WAITING_BY_OWNER, *(self._job(job_id) for job_id in job_ids)]
         running = self._touch(keys=keys, args=args)
         alive = {job_id: now for job_id, flag in zip(job_ids, running, strict=True) if flag}
         if alive:
@@ -248,7 +355,9 @@ class JobStore:
     def stale_running(self, older_than_s: float, limit: int = 100) -> list[str]:
         """Jobs still `in_progress` whose heartbeat stopped `older_than_s` ago: their consumer
         died and their task was not handed out again (it was lost). Each is returned once per
-        `older_than_s` (claimed by moving its score to now), for a fresh task."""
+        `older_than_s` (claimed by moving its score to now), for a fresh task. Also recounts
+        the jobs waiting for the model (`recount_waiting`)."""
+        self.recount_waiting()
         now = time.time()
         lost = []
         for job_id in self.redis.zrangebyscore(self.RUNNING, "-inf", now - older_than_s,
@@ -262,6 +371,10 @@ class JobStore:
             else:
                 self.redis.zadd(self.RUNNING, {job_id: float(beat)})
         return lost
+
+    def recount_waiting(self) -> None:
+        """Drop waiting jobs that are gone or final and recount each owner's (one script)."""
+        self._recount(keys=[self.WAITING, self.WAITING_BY_OWNER], args=[self._job("")])
 
     def mark(self, job_id: str, **fields: Any) -> None:
         self.redis.hset(self._job(job_id), mapping={k: _text(v) for k, v in fields.items()})

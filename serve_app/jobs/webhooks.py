@@ -2,10 +2,14 @@
 
 Signing follows Standard Webhooks (standardwebhooks.com): headers `webhook-id`,
 `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`; a
-secret written `whsec_<base64>` is used decoded, as the spec's libraries do. Destinations are
-checked when the job is submitted and again before every attempt (DNS may change): http(s) only,
-no credentials in the URL, the host on the allowlist when there is one, and every address it
-resolves to public unless `allow_private`. A failed delivery never fails the job.
+secret written `whsec_<base64>` is used decoded, as the spec's libraries do, and must hold at
+least `MIN_KEY_BYTES` (checked when the sender is built, so a bad secret stops the deployment).
+Destinations are checked when the job is submitted and again before every attempt (DNS may
+change): http(s) only, no credentials in the URL, the host on the allowlist when there is one,
+and every address it resolves to public unless `allow_private`; the attempt then connects to the
+checked address. Each attempt has one deadline (`timeout_s`) and each host at most
+`max_per_host` attempts in flight, so a slow receiver delays only its own host's webhooks. A
+failed delivery never fails the job.
 """
 
 from __future__ import annotations
@@ -13,14 +17,19 @@ from __future__ import annotations
 import base64
 import fnmatch
 import hashlib
+import heapq
 import hmac
 import ipaddress
+import itertools
 import logging
 import os
+import re
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from serve_app.config import WebhookConfig
@@ -33,10 +42,39 @@ class WebhookRefused(ValueError):
     """The destination is not allowed; the message says why."""
 
 
+MIN_KEY_BYTES = 24  # Standard Webhooks: secrets of 24 to 64 random bytes
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
 def secret_bytes(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        return base64.b64decode(secret.removeprefix("whsec_"))
-    return secret.encode()
+    """The HMAC key: `whsec_<base64>` decoded (padding optional, as in the spec's libraries),
+    any other text as UTF-8. `ValueError` for a `whsec_` secret that is not base64."""
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    encoded = secret.removeprefix("whsec_")
+    if not _BASE64.fullmatch(encoded) or len(encoded.rstrip("=")) % 4 == 1:
+        raise ValueError("after `whsec_` must come standard base64 (A-Z a-z 0-9 + /)")
+    encoded = encoded.rstrip("=")
+    return base64.b64decode(encoded + "=" * (-len(encoded) % 4))
+
+
+def signing_key(config: WebhookConfig) -> bytes | None:
+    """The key in `$<secret_env>`, None when unset; `ValueError` naming the variable when it
+    is malformed or shorter than `MIN_KEY_BYTES` (never echoing the secret)."""
+    secret = os.environ.get(config.secret_env)
+    if not secret:
+        return None
+    where = f"${config.secret_env} (jobs.webhooks.secret_env)"
+    try:
+        key = secret_bytes(secret)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a valid webhook secret: {exc}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(
+            f"{where} holds a {len(key)}-byte signing key; at least {MIN_KEY_BYTES} bytes are "
+            f"needed (Standard Webhooks: `whsec_` + base64 of 24 to 64 random bytes)"
+        )
+    return key
 
 
 def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -65,19 +103,30 @@ def check_destination(url: str, config: WebhookConfig) -> str:
     return resolve_allowed(host, port or (443 if parts.scheme == "https" else 80), config)
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 blocks whose last 32 bits are an IPv4 address: NAT64 well-known (RFC 6052),
+# IPv4-compatible (RFC 4291, deprecated) and IPv4-translated (RFC 2765); mapped, 6to4 and Teredo
+# have their own accessors.
+_LOW32_IPV4 = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")]
+# Never public though Python may call them global: NAT64 local-use (RFC 8215; the IPv4 address
+# sits around the u-octet there) and site-local (RFC 3879, deprecated).
+_NOT_PUBLIC = [ipaddress.ip_network(n) for n in ("64:ff9b:1::/48", "fec0::/10")]
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if any(address in network for network in _LOW32_IPV4):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [inner for inner in found if inner is not None]
 
 
 def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Global, and so is any IPv4 address it carries (mapped, 6to4, Teredo, NAT64)."""
-    if not address.is_global:
+    """Global unicast, and so is every IPv4 address it carries."""
+    if not address.is_global or address.is_multicast:
         return False
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = [address.ipv4_mapped, address.sixtofour]
-        embedded += list(address.teredo or ())
-        if address in _NAT64:
-            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        return all(inner is None or inner.is_global for inner in embedded)
+        if any(address in network for network in _NOT_PUBLIC):
+            return False
+        return all(_public(inner) for inner in _embedded_ipv4(address))
     return True
 
 
@@ -112,19 +161,38 @@ def check_webhook_url(url: str, config: WebhookConfig) -> None:
         raise APIError(f"Invalid webhook_url: {exc}.", param="webhook_url") from None
 
 
+@dataclass
+class _Event:
+    url: str
+    message_id: str
+    body: bytes
+    host: str  # what `max_per_host` counts by
+    attempt: int = 0
+
+
 class WebhookSender:
-    """Delivers events on a small thread pool, retrying with exponential backoff; `outcome`
-    is called with `delivered`, `failed` (attempts exhausted) or `refused`. At most
-    `MAX_PENDING` events wait; more are dropped as `failed` (logged)."""
+    """Delivers events on `workers` threads, at most `max_per_host` attempts per host at once
+    (the others wait for that host, not for the pool), retrying with exponential backoff off the
+    pool; `outcome` is called with `delivered`, `failed` (attempts exhausted) or `refused`. At
+    most `MAX_PENDING` events wait; more are dropped as `failed` (logged). A malformed secret
+    raises `ValueError` here, naming the variable. `ssl_context`: the trust store for https
+    receivers (default: the system's / certifi's)."""
 
     MAX_PENDING = 1000
 
-    def __init__(self, config: WebhookConfig, outcome=None) -> None:
+    def __init__(self, config: WebhookConfig, outcome=None, ssl_context=None) -> None:
         self.config = config
         self.outcome = outcome or (lambda _: None)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+        self.key = signing_key(config)
+        self.ssl_context = ssl_context
+        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="webhook")
+        self._lock = threading.Condition()
         self._pending = 0
-        self._lock = threading.Lock()
+        self._active: dict[str, int] = {}  # host -> attempts in flight
+        self._waiting: dict[str, deque[_Event]] = {}  # host -> events waiting for a slot
+        self._retries: list[tuple[float, int, _Event]] = []  # heap of (due, seq, event)
+        self._sequence = itertools.count()
+        self._retry_thread: threading.Thread | None = None
 
     def send(self, url: str, message_id: str, body: bytes) -> None:
         with self._lock:
@@ -134,54 +202,95 @@ class WebhookSender:
                 self.outcome("failed")
                 return
             self._pending += 1
-        self._pool.submit(self._deliver_counted, url, message_id, body)
-
-    def _deliver_counted(self, url: str, message_id: str, body: bytes) -> None:
         try:
-            self.deliver(url, message_id, body)
-        except Exception:  # noqa: BLE001 - never lose the outcome of a delivery
-            logger.exception("webhook %s failed unexpectedly", message_id)
-            self.outcome("failed")
-        finally:
-            with self._lock:
-                self._pending -= 1
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:
+            host = ""
+        self._start(_Event(url, message_id, body, host))
 
-    def deliver(self, url: str, message_id: str, body: bytes) -> str:
-        secret = os.environ.get(self.config.secret_env)
-        result = "failed"
-        for attempt in range(self.config.max_attempts):
-            if attempt:
-                time.sleep(min(2 ** (attempt - 1), 60))
-            if not secret:
-                result = "refused"
-                logger.warning("webhook %s not sent: $%s is unset", message_id,
-                               self.config.secret_env)  # fmt: skip
-                break
-            try:
-                address = check_destination(url, self.config)
-            except WebhookRefused as exc:
-                result = "refused"
-                logger.warning("webhook %s refused: %s", message_id, exc)
-                break
-            timestamp = int(time.time())
-            signature = sign(secret_bytes(secret), message_id, timestamp, body)
-            status = self._post(url, address, message_id, timestamp, signature, body, attempt)
-            if status is not None and 200 <= status < 300:
-                result = "delivered"
-                break
+    # --- scheduling: a slot per host, retries off the pool ------------------------------------
+    def _start(self, event: _Event) -> None:
+        with self._lock:
+            if self._active.get(event.host, 0) >= self.config.max_per_host:
+                self._waiting.setdefault(event.host, deque()).append(event)
+                return
+            self._active[event.host] = self._active.get(event.host, 0) + 1
+        self._pool.submit(self._run, event)
+
+    def _run(self, event: _Event) -> None:
+        try:
+            result = self.attempt(event.url, event.message_id, event.body, event.attempt)
+        except Exception:  # noqa: BLE001 - never lose the outcome of a delivery
+            logger.exception("webhook %s failed unexpectedly", event.message_id)
+            result = "failed"
+        finally:
+            with self._lock:  # hand the host's slot to its next event, else free it
+                queue = self._waiting.get(event.host)
+                following = queue.popleft() if queue else None
+                if queue is not None and not queue:
+                    del self._waiting[event.host]
+                if following is None:
+                    self._active[event.host] -= 1
+                    if not self._active[event.host]:
+                        del self._active[event.host]
+            if following is not None:
+                self._pool.submit(self._run, following)
+        if result == "retry" and event.attempt + 1 < self.config.max_attempts:
+            event.attempt += 1
+            self._retry_later(event, min(2 ** (event.attempt - 1), 60))
+        else:
+            self._finish(event, "failed" if result == "retry" else result)
+
+    def _retry_later(self, event: _Event, delay_s: float) -> None:
+        with self._lock:
+            heapq.heappush(self._retries, (time.monotonic() + delay_s, next(self._sequence), event))
+            if self._retry_thread is None:
+                self._retry_thread = threading.Thread(
+                    target=self._retry_loop, name="webhook-retries", daemon=True
+                )
+                self._retry_thread.start()
+            self._lock.notify()
+
+    def _retry_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._retries or self._retries[0][0] > time.monotonic():
+                    due = self._retries[0][0] - time.monotonic() if self._retries else None
+                    self._lock.wait(due)
+                _, _, event = heapq.heappop(self._retries)
+            self._start(event)
+
+    def _finish(self, event: _Event, result: str) -> None:
         self.outcome(result)
-        logger.info("webhook %s: %s", message_id, result)
-        return result
+        logger.info("webhook %s: %s", event.message_id, result)
+        with self._lock:
+            self._pending -= 1
+
+    # --- one attempt ---------------------------------------------------------------------------
+    def attempt(self, url: str, message_id: str, body: bytes, attempt: int = 0) -> str:
+        """`delivered`, `refused` (no secret, or the destination is not allowed now) or
+        `retry` (an error, a timeout or a non-2xx answer)."""
+        if self.key is None:
+            logger.warning("webhook %s not sent: $%s is unset", message_id,
+                           self.config.secret_env)  # fmt: skip
+            return "refused"
+        try:
+            address = check_destination(url, self.config)
+        except WebhookRefused as exc:
+            logger.warning("webhook %s refused: %s", message_id, exc)
+            return "refused"
+        timestamp = int(time.time())
+        signature = sign(self.key, message_id, timestamp, body)
+        status = self._post(url, address, message_id, timestamp, signature, body, attempt)
+        return "delivered" if status is not None and 200 <= status < 300 else "retry"
 
     def _post(self, url, address, message_id, timestamp, signature, body, attempt) -> int | None:
-        """POST to the checked address (Host and TLS name stay the URL's); the answer's
-        status, without reading its body."""
-        import httpx
+        """POST to the checked address (Host and TLS name stay the URL's), all within
+        `timeout_s`; the answer's status, without reading its body. Redirects are not
+        followed (a 3xx is a failed attempt)."""
+        import httpcore
 
         parts = urlsplit(url)
-        host = f"[{address}]" if ":" in address else address
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        pinned = parts._replace(netloc=netloc).geturl()
         headers = {
             "host": parts.netloc.rsplit("@", 1)[-1],
             "content-type": "application/json",
@@ -189,18 +298,76 @@ class WebhookSender:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature,
         }
+        deadline = time.monotonic() + self.config.timeout_s
+        backend = _PinnedBackend(address, deadline)
         try:
-            with httpx.Client(timeout=self.config.timeout_s, follow_redirects=False) as client:
-                request = client.build_request(
-                    "POST", pinned, content=body, headers=headers,
-                    extensions={"sni_hostname": parts.hostname},
-                )  # fmt: skip
-                response = client.send(request, stream=True)
-                response.close()
-                if not 200 <= response.status_code < 300:
-                    logger.warning("webhook %s attempt %d: HTTP %d", message_id, attempt + 1,
-                                   response.status_code)  # fmt: skip
-                return response.status_code
-        except httpx.HTTPError as exc:
-            logger.warning("webhook %s attempt %d: %s", message_id, attempt + 1, exc)
+            with httpcore.ConnectionPool(
+                ssl_context=self.ssl_context, max_connections=1, network_backend=backend
+            ) as pool:
+                with pool.stream("POST", url, headers=headers, content=body) as response:
+                    status = response.status
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+                httpcore.UnsupportedProtocol, OSError) as exc:  # fmt: skip
+            reason = "no answer within timeout_s" if time.monotonic() >= deadline else exc
+            logger.warning("webhook %s attempt %d: %s", message_id, attempt + 1, reason)
             return None
+        if not 200 <= status < 300:
+            logger.warning("webhook %s attempt %d: HTTP %d", message_id, attempt + 1, status)
+        return status
+
+
+def _remaining(deadline: float) -> float:
+    import httpcore
+
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the attempt's deadline passed")
+    return left
+
+
+class _PinnedBackend:
+    """An httpcore network backend that connects to the checked address whatever host the URL
+    names, with every operation bounded by what is left of the attempt's deadline (a receiver
+    dripping bytes cannot stretch it)."""
+
+    def __init__(self, address: str, deadline: float) -> None:
+        import httpcore
+
+        self.address, self.deadline = address, deadline
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        stream = self._backend.connect_tcp(
+            self.address, port, _remaining(self.deadline), local_address, socket_options
+        )
+        return _DeadlineStream(stream, self.deadline)
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise OSError("webhooks go over TCP only")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class _DeadlineStream:
+    WRITE_CHUNK = 16 * 1024
+
+    def __init__(self, stream, deadline: float) -> None:
+        self._stream, self.deadline = stream, deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _remaining(self.deadline))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        for start in range(0, len(buffer), self.WRITE_CHUNK):
+            self._stream.write(buffer[start : start + self.WRITE_CHUNK], _remaining(self.deadline))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        stream = self._stream.start_tls(ssl_context, server_hostname, _remaining(self.deadline))
+        return _DeadlineStream(stream, self.deadline)
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)

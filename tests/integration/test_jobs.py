@@ -32,8 +32,11 @@ def sdk(body: dict) -> dict:
 
 
 SLOW = {"prompt": "a slow fox", "size": "512x512", "num_inference_steps": 60, "seed": 3}
-# Long enough to be killed under, short enough to finish twice on a busy 2-core machine.
-KILLABLE = {**SLOW, "size": "384x384", "num_inference_steps": 100}
+# Killed under, then run again to the end: several seconds on the model here, so that most of
+# it is left when `wait_on_the_model` sees it run (heartbeats store progress every 0.5 s).
+KILLABLE = {**SLOW, "size": "640x640", "num_inference_steps": 100}
+# Killed under and never finished: as long as the limits allow (~20 s an attempt here).
+DOOMED = {**SLOW, "size": "1024x1024", "num_inference_steps": 100}
 
 
 def submit(http, body, path="/v1/images/generations", **kwargs) -> dict:
@@ -65,6 +68,24 @@ def actors(part: str) -> list:
         for actor in ray.util.list_named_actors(all_namespaces=True)
         if part in actor["name"] and "REPLICA" in actor["name"]
     ]
+
+
+def wait_on_the_model(http, job_id, attempt=1, timeout_s=120, most=0.5) -> dict:
+    """The job's state once the model certainly runs its attempt `attempt`: its stored progress
+    rose between two readings of that attempt (a value left over from an earlier attempt cannot
+    rise), with at most `most` of its steps done, so that the rest outlasts a kill sent now."""
+    deadline = time.monotonic() + timeout_s
+    last = 0.0
+    while True:
+        state = http.get(f"/v1/images/jobs/{job_id}").json()
+        assert state["status"] not in FINAL, f"the job ended before attempt {attempt}: {state}"
+        progress = state["progress"] if state["attempts"] == attempt else 0.0
+        if state["status"] == "in_progress" and 0 < last < progress:
+            assert progress <= most, f"attempt {attempt} seen running only at {progress:.0%}"
+            return state
+        last = progress if state["status"] == "in_progress" else 0.0
+        assert time.monotonic() < deadline, f"attempt {attempt} never seen running: {state}"
+        time.sleep(0.1)
 
 
 def kill(part: str) -> None:
@@ -277,8 +298,10 @@ def test_finished_jobs_are_posted_signed_and_retried_until_delivered(http):
 # --- what a job outlives -------------------------------------------------------------------
 
 
-def test_a_job_survives_an_ingress_restart(http, base_url):
-    job = submit(http, SLOW)
+def test_a_job_survives_an_ingress_restart(http, base_url, app_cache):
+    job = submit(http, KILLABLE)
+    wait_on_the_model(http, job["id"])
+    killed_at = time.time()
     kill("ImagesIngress")
     deadline = time.monotonic() + 60
     while True:
@@ -290,12 +313,16 @@ def test_a_job_survives_an_ingress_restart(http, base_url):
             pass
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    assert poll(http, job["id"])["status"] == "completed"
+    done = poll(http, job["id"])
+    assert done["status"] == "completed" and done["attempts"] == 1  # not even run again
+    # It finished after the ingress died (the API shows whole seconds; Redis keeps the time).
+    finished = redis_client(app_cache).hget(f"serve_app:job:{job['id']}", "completed_at")
+    assert float(finished) > killed_at
 
 
 def test_a_job_survives_its_consumer_dying_mid_job(http):
     job = submit(http, KILLABLE)
-    poll(http, job["id"], until=("in_progress",))
+    wait_on_the_model(http, job["id"])
     kill("ImageJobConsumer")
     # Redis hands the unacknowledged job out again after visibility_timeout_s; it runs again.
     done = poll(http, job["id"], timeout_s=JOBS["visibility_timeout_s"] + 180)
@@ -304,9 +331,7 @@ def test_a_job_survives_its_consumer_dying_mid_job(http):
 
 def test_a_job_whose_model_replica_dies_is_retried(http):
     job = submit(http, KILLABLE)
-    poll(http, job["id"], until=("in_progress",), check=None)
-    while http.get(f"/v1/images/jobs/{job['id']}").json()["progress"] == 0:
-        time.sleep(0.1)
+    wait_on_the_model(http, job["id"])
     kill("ImageModel")
     done = poll(http, job["id"], timeout_s=180)
     assert done["status"] == "completed" and done["attempts"] == 2
@@ -315,15 +340,9 @@ def test_a_job_whose_model_replica_dies_is_retried(http):
 def test_a_job_that_keeps_killing_its_replica_fails_into_the_dead_letter_queue(http, app_cache):
     redis = redis_client(app_cache)
     dead_letters = redis.llen("serve_app_images_failed")
-    job = submit(http, KILLABLE)
+    job = submit(http, DOOMED)
     for attempt in range(1, 4):  # max_retries 2: three attempts
-        deadline = time.monotonic() + 120
-        while True:
-            state = http.get(f"/v1/images/jobs/{job['id']}").json()
-            if state["attempts"] == attempt and state["progress"] > 0:
-                break
-            assert time.monotonic() < deadline, state
-            time.sleep(0.1)
+        wait_on_the_model(http, job["id"], attempt)
         kill("ImageModel")
     failed = poll(http, job["id"], timeout_s=60)
     assert failed["status"] == "failed" and failed["attempts"] == 3

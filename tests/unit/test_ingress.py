@@ -1,9 +1,11 @@
 """The ingress's error path and import hygiene, without Ray running."""
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import pytest
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
@@ -56,3 +58,47 @@ def test_ingress_and_app_builder_do_not_import_torch():
     code = "import sys, serve_app.app, serve_app.ingress; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class PendingResponse:
+    """A model request that never finishes on its own, like a `DeploymentResponse`."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._done = asyncio.Event()
+
+    def __await__(self):
+        return self._done.wait().__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class PendingHandle:
+    def __init__(self) -> None:
+        self.responses: list[PendingResponse] = []
+        self.generate = self.count_text_tokens = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *_):
+        self.responses.append(PendingResponse())
+        return self.responses[-1]
+
+
+def test_a_model_request_whose_caller_times_out_is_cancelled_in_the_model():
+    """`wait_for` cancels the awaiting coroutine; the model's request must be cancelled too,
+    or the replica keeps working on an answer nobody reads."""
+    from serve_app.ingress import RayModelClient
+    from tests.conftest import make_job
+
+    handle = PendingHandle()
+    client = RayModelClient(handle)
+
+    async def timed_out() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.generate(make_job()), 0.05)
+
+    asyncio.run(timed_out())
+    assert [r.cancelled for r in handle.responses] == [True]

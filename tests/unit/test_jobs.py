@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -225,7 +226,7 @@ def test_without_redis_submission_is_a_503_and_sync_still_works(fake, app_args):
     assert answer.json()["error"]["code"] == "jobs_unavailable"
     assert "Synchronous requests still work" in answer.json()["error"]["message"]
     assert app.post("/v1/images/generations", json=body).status_code == 200
-    assert app.get("/v1/images/jobs/imgjob_x").status_code == 503
+    assert app.get("/v1/images/jobs/imgjob_" + "0" * 24).status_code == 503  # a real id's shape
 
 
 def test_jobs_turned_off_answer_synchronously(fake, app_args):
@@ -282,3 +283,77 @@ def test_the_consumer_gives_lost_jobs_a_fresh_task(redis_url, app_args):
     assert consumer.sweep() == [job_id]
     assert Adapter.sent == [(TASK_NAME, [job_id])]
     assert store.start(job_id, "another") == "started"  # the fresh task can run it
+
+
+class EndlessStream:
+    """A model stream that accepts the job and then reports progress until cancelled, as a
+    model replica does for a job far too big for the time limit."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
+        from serve_app.contract import Accepted, Progress
+
+        yield Accepted(text_tokens=5)
+        step = 0
+        while not self.cancelled.wait(0.05):
+            step += 1
+            yield Progress(step, 10_000)
+        raise RuntimeError("the request was cancelled")  # what Ray raises after cancel()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class EndlessModel:
+    def __init__(self) -> None:
+        self.streams: list[EndlessStream] = []
+        self.generate_stream = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, job):
+        self.streams.append(EndlessStream())
+        return self.streams[-1]
+
+
+def test_a_job_past_its_time_limit_fails_with_job_timeout_and_frees_the_model(redis_url, app_args):
+    from serve_app.config import AppArgs
+    from serve_app.jobs.consumer import ImageJobConsumer
+
+    app_args["jobs"] = {"redis_url": redis_url, "timeout_s": 1.5}
+    model = EndlessModel()
+    consumer = ImageJobConsumer(AppArgs.model_validate(app_args).model_dump(), {"m": model})
+    try:
+        store = consumer.store
+        store.redis.flushdb()
+        job = ImageJob("r", "a cat", 64, 64, 10_000, 2.5, (1,))
+        job_id = new_job_id()
+        fields = {"id": job_id, "status": "queued", "owner": "-", "created_at": time.time(),
+                  "model": "m", "endpoint": "generations"}  # fmt: skip
+        store.submit(job_id, fields, payload.job_to_bytes(job))
+        started = time.monotonic()
+        assert consumer.run_image_job(job_id) == "failed"
+        took = time.monotonic() - started
+        assert 1.5 <= took < 5, f"stopped after {took:.1f}s"
+        [stream] = model.streams
+        assert stream.cancelled.is_set(), "the model's request was not cancelled"
+        record = store.get(job_id)
+        assert record["status"] == "failed"
+        error = json.loads(record["error"])
+        assert error["code"] == "job_timeout" and "1.5 s" in error["message"]
+    finally:
+        consumer._stopped.set()
+
+
+def test_a_job_time_limit_defaults_to_the_request_time_limit(redis_url, app_args):
+    from serve_app.config import AppArgs
+    from serve_app.jobs.consumer import ImageJobConsumer
+
+    app_args["jobs"] = {"redis_url": redis_url}
+    app_args["limits"] = {"request_timeout_s": 42}
+    consumer = ImageJobConsumer(AppArgs.model_validate(app_args).model_dump(), {})
+    consumer._stopped.set()
+    assert consumer.timeout_s == 42
