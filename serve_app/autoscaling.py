@@ -15,22 +15,26 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from serve_app.contract import ImageJob
+from serve_app.contract import ModelRequest
 from serve_app.geometry import image_tokens
 
 REFERENCE_TOKENS = image_tokens(1024, 1024) + 512  # one 1024x1024 text-to-image image-step
 WORK_METRICS = ("queued_work", "running_work")
 
 
-def job_work(job: ImageJob, text_tokens: int = 512, steps_left: int | None = None) -> float:
-    """Work units of a job's images over `steps_left` (default: all) of its steps."""
-    tokens = image_tokens(job.width, job.height) * (1 + len(job.conditioning)) + text_tokens
-    steps = job.steps if steps_left is None else steps_left
-    return job.n * steps * tokens / REFERENCE_TOKENS
+def request_work(
+    request: ModelRequest, text_tokens: int = 512, steps_left: int | None = None
+) -> float:
+    """Work units of a request's images over `steps_left` (default: all) of its steps."""
+    tokens = (
+        image_tokens(request.width, request.height) * (1 + len(request.conditioning)) + text_tokens
+    )
+    steps = request.steps if steps_left is None else steps_left
+    return request.n * steps * tokens / REFERENCE_TOKENS
 
 
-def total_work(jobs: Iterable[ImageJob], text_tokens: int = 512) -> float:
-    return sum(job_work(job, text_tokens) for job in jobs)
+def total_work(requests: Iterable[ModelRequest], text_tokens: int = 512) -> float:
+    return sum(request_work(request, text_tokens) for request in requests)
 
 
 def desired_replicas(work: float, target: float, minimum: int, maximum: int) -> int:

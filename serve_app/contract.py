@@ -1,10 +1,12 @@
-"""What crosses between deployments: the job a request becomes, the events and result a model
-replica sends back, and the errors either side raises.
+"""What crosses between deployments: the model request an HTTP request becomes, the events and
+result a model replica sends back, and the errors either side raises.
 
-The ingress builds an `ImageJob` (see `ResolvedGeneration.to_job`), the model deployment runs it
-and answers with a `GenerationResult`, or, when streaming, with `Accepted`, `PartialImage`s and
-`Completed`. Everything here pickles across Ray process boundaries intact. No HTTP, no wire
-models, no torch: a new job field goes on `ImageJob`, a new event next to the others here.
+The ingress builds a `ModelRequest` (see `ResolvedGeneration.to_model_request`), the model
+deployment runs it and answers with a `GenerationResult`, or, when streaming, with `Accepted`,
+`PartialImage`s and `Completed`. Everything here pickles across Ray process boundaries intact,
+and a `ModelRequest` also serialises itself to JSON for an asynchronous job's queue. No HTTP, no
+wire models, no torch: a new field goes on `ModelRequest`, a new event next to the others here.
+"Job" always means an asynchronous job (`serve_app.jobs`), never this unit of model work.
 """
 
 from __future__ import annotations
@@ -73,12 +75,12 @@ class GenerationCancelled(RuntimeError):
     """Every request of a pipeline call went away; the call stopped at a step boundary."""
 
 
-# --- the job ---------------------------------------------------------------------------------
+# --- the model request ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """One LoRA adapter a job runs with: its registry name and its weight."""
+    """One LoRA adapter a model request runs with: its registry name and its weight."""
 
     name: str
     scale: float = 1.0
@@ -91,21 +93,21 @@ def adapter_set_id(adapters: tuple[AdapterRef, ...]) -> str:
 
 
 @dataclass(frozen=True)
-class ImageJob:
+class ModelRequest:
     """One request's work for the model: a prompt, a geometry and one seed per image.
 
     ``conditioning`` holds the input image canvas that Kontext conditions on (edits, variations),
     already at its final size; masked edits add ``init_image`` (the image to inpaint, at the output
     size) and ``mask`` (L mode, 255 = editable). ``preview_steps`` are the denoising steps after
-    which a streaming request wants previews. ``first_image_index`` is the position of this job's
+    which a streaming request wants previews. ``first_image_index`` is the position of this chunk's
     first image in its request (a request split into chunks keeps its image numbering).
-    ``adapters`` are the LoRA adapters to apply, sorted by name (only jobs with equal adapters
+    ``adapters`` are the LoRA adapters to apply, sorted by name (only requests with equal adapters
     and scales share a call).
 
     The last three fields are set inside the model replica and never cross a process boundary:
-    ``events`` receives the job's `PreviewImages` from the engine's step callback, ``cancel`` is
+    ``events`` receives the request's `PreviewImages` from the engine's step callback, ``cancel`` is
     set when the request goes away (so the engine can stop a call that only cancelled requests
-    still wait for), ``received_at`` is when the replica got the job (monotonic).
+    still wait for), ``received_at`` is when the replica got the request (monotonic).
     """
 
     request_id: str
@@ -147,7 +149,7 @@ class ImageJob:
 
 @dataclass(frozen=True)
 class PreviewImages:
-    """Inside a replica, engine -> model: previews of a job's images after step `step` (0-based)."""
+    """Inside a replica, engine -> model: previews of a request's images after step `step`."""
 
     partial_index: int
     step: int
@@ -186,7 +188,7 @@ class PartialImage:
 
 @dataclass(frozen=True)
 class Progress:
-    """Stream event (jobs that ask for it): `step` of `total` denoising steps are done."""
+    """Stream event (requests that ask for it): `step` of `total` denoising steps are done."""
 
     step: int
     total: int

@@ -1,8 +1,8 @@
 """Load and run the FLUX Kontext pipeline. No HTTP, no Ray.
 
 Written as numbered steps like a diffusers ``__call__``: the engine turns a group of compatible
-jobs (``contract.ImageJob``s grouped by ``batching``) into one pipeline call with a prompt list and
-one seeded ``torch.Generator`` per image, and returns PIL images per job.
+requests (``contract.ModelRequest``s grouped by ``batching``) into one pipeline call with a
+prompt list and one seeded ``torch.Generator`` per image, and returns PIL images per request.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from serve_app.adapters import pipeline_name
 from serve_app.batching import group_key
 from serve_app.config import ModelConfig
-from serve_app.contract import GenerationCancelled, ImageJob, PreviewImages
+from serve_app.contract import GenerationCancelled, ModelRequest, PreviewImages
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
 from serve_app.memory_fit import MemoryFit, fit_memory
@@ -29,8 +29,8 @@ from serve_app.speed import SpeedOptionError, apply_speed_options
 
 logger = logging.getLogger(__name__)
 
-# Called after every denoising step with (step index, total steps, jobs of the call, latents).
-StepCallback = Callable[[int, int, Sequence[ImageJob], torch.Tensor], None]
+# Called after every denoising step with (step index, total steps, requests of the call, latents).
+StepCallback = Callable[[int, int, Sequence[ModelRequest], torch.Tensor], None]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -203,7 +203,7 @@ class FluxEngine:
             )
             started = time.perf_counter()
             for conditioning in ((), (canvas,)):
-                job = ImageJob(
+                request = ModelRequest(
                     request_id="warmup",
                     prompt="warm-up",
                     width=width,
@@ -213,7 +213,7 @@ class FluxEngine:
                     seeds=(0,),
                     conditioning=conditioning,
                 )
-                self.generate([job])
+                self.generate([request])
             logger.info(
                 "Warmed up %s at %s in %.1fs", self.config.id, size, time.perf_counter() - started
             )
@@ -227,11 +227,11 @@ class FluxEngine:
         canvas = Image.new("RGB", bucket, "gray")
         peaks = []
         for n in (1, 2):
-            job = ImageJob(
+            request = ModelRequest(
                 "memory", "warm-up", width, height, 2, self.config.default_guidance,
                 tuple(range(n)), conditioning=(canvas,),
             )  # fmt: skip
-            peaks.append(probe.peak_bytes(lambda job=job: self.generate([job])))
+            peaks.append(probe.peak_bytes(lambda request=request: self.generate([request])))
         fit = fit_memory(peaks[0], peaks[1], width * height, probe.capacity_bytes())
         logger.info("Memory of %s: %s", self.config.id, fit.describe(width, height))
         return fit, (width, height)
@@ -310,20 +310,20 @@ class FluxEngine:
         if loaded and not self.adapters:
             self.pipe.unload_lora_weights()  # the original layers back, no PEFT wrappers left
 
-    def _activate_adapters(self, job: ImageJob) -> None:
+    def _activate_adapters(self, request: ModelRequest) -> None:
         """The call's adapters at its scales, or the base weights exactly (PEFT layers disabled
         run only the original layer)."""
-        missing = [a.name for a in job.adapters if a.name not in self.adapters]
+        missing = [a.name for a in request.adapters if a.name not in self.adapters]
         if missing:  # never run an adapter request on other weights
             raise RuntimeError(f"adapters {missing} are not loaded on this replica")
         if not self.adapters:
             return
-        if not job.adapters:
+        if not request.adapters:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        names = [pipeline_name(a.name) for a in job.adapters]
-        self.pipe.set_adapters(names, [a.scale for a in job.adapters])
+        names = [pipeline_name(a.name) for a in request.adapters]
+        self.pipe.set_adapters(names, [a.scale for a in request.adapters])
 
     def count_text_tokens(self, prompt: str) -> int:
         """Tokens the T5 text encoder would see for `prompt`, end-of-sequence included. Safe
@@ -332,59 +332,67 @@ class FluxEngine:
             return len(self._counting_tokenizer(prompt, truncation=False).input_ids)
 
     def generate(
-        self, jobs: Sequence[ImageJob], step_callback: StepCallback | None = None
+        self, requests: Sequence[ModelRequest], step_callback: StepCallback | None = None
     ) -> list[list[Image.Image]]:
-        """Run compatible jobs as one pipeline call; returns each job's images in seed order."""
-        # 1. Check the jobs really share one call.
-        first = jobs[0]
-        keys = {group_key(job) for job in jobs}
+        """Run compatible requests as one pipeline call; each request's images in seed order."""
+        # 1. Check the requests really share one call.
+        first = requests[0]
+        keys = {group_key(request) for request in requests}
         if len(keys) != 1:
-            raise ValueError(f"jobs in one pipeline call must share a group key, got {keys}")
+            raise ValueError(f"requests in one pipeline call must share a group key, got {keys}")
 
         # 2. The call's LoRA adapters (or none); one prompt and one generator per image, CPU
         #    generators so seeds give the same image on any device.
         self._activate_adapters(first)
-        prompts = [job.prompt for job in jobs for _ in job.seeds]
+        prompts = [request.prompt for request in requests for _ in request.seeds]
         generators = [
-            torch.Generator("cpu").manual_seed(seed) for job in jobs for seed in job.seeds
+            torch.Generator("cpu").manual_seed(seed)
+            for request in requests
+            for seed in request.seeds
         ]
 
         # 3. Per-step hook: stop when every request is gone, send previews, report progress.
-        offsets = [sum(job.n for job in jobs[:i]) for i in range(len(jobs))]
+        offsets = [sum(request.n for request in requests[:i]) for i in range(len(requests))]
 
         def callback(pipe, step, timestep, tensors):
-            if all(job.cancelled for job in jobs):
-                raise GenerationCancelled(f"all {len(jobs)} requests cancelled at step {step}")
+            if all(request.cancelled for request in requests):
+                raise GenerationCancelled(f"all {len(requests)} requests cancelled at step {step}")
             latents = tensors["latents"]
             previews = [
-                (offset, job)
-                for offset, job in zip(offsets, jobs, strict=True)
-                if job.events is not None and step in job.preview_steps and not job.cancelled
+                (offset, request)
+                for offset, request in zip(offsets, requests, strict=True)
+                if request.events is not None
+                and step in request.preview_steps
+                and not request.cancelled
             ]
             if previews:
                 # Flow matching: x_next = x + (sigma_next - sigma) * v, so the current estimate
                 # of the final latents is x_next - sigma_next * v.
                 sigma_next = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)
                 velocity = self._velocity[:, : latents.shape[1]].to(latents.dtype)
-                for offset, job in previews:
-                    rows = slice(offset, offset + job.n)
+                for offset, request in previews:
+                    rows = slice(offset, offset + request.n)
                     denoised = latents[rows] - sigma_next * velocity[rows]
-                    job.events(
+                    request.events(
                         PreviewImages(
-                            partial_index=job.preview_steps.index(step),
+                            partial_index=request.preview_steps.index(step),
                             step=step,
-                            first_image_index=job.first_image_index,
+                            first_image_index=request.first_image_index,
                             images=self.decode_preview(denoised, first.width, first.height),
                         )
                     )
             if step_callback is not None:
-                step_callback(step, first.steps, jobs, latents)
+                step_callback(step, first.steps, requests, latents)
             return {}
 
         # 4. Inputs per image: text only, a conditioning canvas, or canvas + image + mask.
         #    Conditioning arrives at its final size, so the pipelines must not resize it again.
         def per_image(values):
-            return [value for job, value in zip(jobs, values, strict=True) for _ in job.seeds]
+            return [
+                value
+                for request, value in zip(requests, values, strict=True)
+                for _ in request.seeds
+            ]
 
         kwargs = dict(
             prompt=prompts,
@@ -402,14 +410,16 @@ class FluxEngine:
         if first.masked:
             pipe = self.inpaint_pipe
             kwargs.update(
-                image=per_image(job.init_image for job in jobs),
-                mask_image=per_image(job.mask for job in jobs),
-                image_reference=per_image(job.conditioning[0] for job in jobs),
+                image=per_image(request.init_image for request in requests),
+                mask_image=per_image(request.mask for request in requests),
+                image_reference=per_image(request.conditioning[0] for request in requests),
                 strength=1.0,
                 _auto_resize=False,
             )
         elif first.conditioning:
-            kwargs.update(image=per_image(job.conditioning[0] for job in jobs), _auto_resize=False)
+            kwargs.update(
+                image=per_image(request.conditioning[0] for request in requests), _auto_resize=False
+            )
 
         # 5. Denoise and decode. The cache context is what diffusers' step caches key their state
         #    on (Kontext has no unconditional pass, so one "cond" context covers the call).
@@ -420,12 +430,12 @@ class FluxEngine:
             pipe.maybe_free_model_hooks()  # reset step caches left mid-call
             raise
 
-        # 6. Hand each job its own images; masked edits get their unmasked pixels back exactly.
+        # 6. Hand each request its own images; masked edits get their unmasked pixels back exactly.
         results, start = [], 0
-        for job in jobs:
-            own = images[start : start + job.n]
-            if job.masked:
-                own = [composite(image, job.init_image, job.mask) for image in own]
+        for request in requests:
+            own = images[start : start + request.n]
+            if request.masked:
+                own = [composite(image, request.init_image, request.mask) for image in own]
             results.append(own)
-            start += job.n
+            start += request.n
         return results

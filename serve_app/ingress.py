@@ -21,60 +21,17 @@ from starlette.routing import Route
 from serve_app import memory
 from serve_app.auth import KeyStore
 from serve_app.config import AppArgs
-from serve_app.contract import GenerationResult, ImageJob
 from serve_app.http.errors import error_response
 from serve_app.http.jobs import JOBS_ROUTE, JobRoutes
 from serve_app.http.meta import MetaRoutes, ModelStatus
 from serve_app.http.middleware import RequestFrame, current_request_id
 from serve_app.http.playground import PlaygroundRoutes
-from serve_app.http.service import ImagesService, ModelClient, ModelStream, adapter_registries
+from serve_app.http.service import ImagesService, adapter_registries
 from serve_app.metrics import IngressMetrics
+from serve_app.model_client import ModelClient, RayModelClient
 from serve_app.storage import FILES_ROUTE, JOB_FILES_ROUTE, cleanup_forever, make_store
 
 logger = logging.getLogger("ray.serve")
-
-
-class RayModelClient:
-    """A model deployment's handle as the images service's `ModelClient`."""
-
-    def __init__(self, handle) -> None:
-        self.handle = handle
-
-    def _for(self, job: ImageJob):
-        """The handle, routed by the job's adapter set (Serve model multiplexing: a replica
-        that holds the set gets the request when one exists)."""
-        if job.adapters:
-            return self.handle.options(multiplexed_model_id=job.adapter_set)
-        return self.handle
-
-    async def generate(self, job: ImageJob) -> GenerationResult:
-        return await _cancel_when_abandoned(self._for(job).generate.remote(job))
-
-    def stream(self, job: ImageJob) -> ModelStream:
-        return self._for(job).options(stream=True).generate_stream.remote(job)
-
-    async def count_text_tokens(self, prompt: str) -> int:
-        """The model's token check, before a job is accepted. A replica too busy to answer
-        soon lets the job in unchecked (the job then fails with the same 400 if too long)."""
-        from ray.serve.exceptions import BackPressureError
-
-        try:
-            response = self.handle.count_text_tokens.remote(prompt)
-            return await asyncio.wait_for(_cancel_when_abandoned(response), 10)
-        except (asyncio.TimeoutError, BackPressureError) as exc:
-            logger.warning("prompt not checked before queueing: %s", type(exc).__name__)
-            return 0
-
-
-async def _cancel_when_abandoned(response) -> Any:
-    """Await a `DeploymentResponse`; if the awaiting task is cancelled (the request's time limit,
-    a client that left), cancel the request in the model replica too. Cancelling the await alone
-    leaves the replica working on an answer nobody will read."""
-    try:
-        return await response
-    except asyncio.CancelledError:
-        response.cancel()
-        raise
 
 
 class ImagesIngress:

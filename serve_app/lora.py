@@ -5,7 +5,8 @@ The multiplexed "model" is an adapter set (`contract.adapter_set_id`: names only
 change per call for free). Ray Serve keeps the `lora.max_loaded` most recently used sets per
 replica and routes a request to a replica that already holds its set. Loading a set reads each
 missing file on a worker thread (beside a running pipeline call), then injects it on the pipeline
-thread between calls; evicting a set unloads the adapters no other loaded set or waiting job uses.
+thread between calls; evicting a set unloads the adapters no other loaded set or waiting
+request uses.
 Outside a Serve replica (unit tests) sets are loaded the same way and never evicted.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from serve_app.adapters import AdapterRegistry
 from serve_app.config import ModelConfig
-from serve_app.contract import AdapterRef, APIError, ImageJob
+from serve_app.contract import AdapterRef, APIError, ModelRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,7 +55,7 @@ def _in_serve_replica() -> bool:
 
 
 class ReplicaAdapters:
-    """Adapters on one replica. `busy` lists the adapter names of jobs waiting or running, which
+    """Adapters on one replica. `busy` lists the adapter names of requests waiting or running, which
     are never unloaded under them."""
 
     def __init__(
@@ -91,30 +92,30 @@ class ReplicaAdapters:
             load_adapter_set
         )
 
-    async def acquire(self, job: ImageJob) -> None:
-        """Make sure the job's adapter set is loaded here (a cache hit is a dict lookup)."""
-        if not job.adapters:
+    async def acquire(self, request: ModelRequest) -> None:
+        """Make sure the request's adapter set is loaded here (a cache hit is a dict lookup)."""
+        if not request.adapters:
             return
         self._loop = asyncio.get_running_loop()
-        for adapter in job.adapters:
+        for adapter in request.adapters:
             self.metrics.adapter_requests.inc(tags={"adapter": adapter.name})
         # Read new files first: a missing or bad file fails here, before Serve's multiplexer
         # evicts a loaded set to make room for it.
-        missing = [a.name for a in job.adapters if a.name not in self.engine.adapters]
+        missing = [a.name for a in request.adapters if a.name not in self.engine.adapters]
         try:
             for name in missing:
                 if name not in self._prepared:
                     self._prepared[name] = await self._read(name)
-            await self._get_set(job.adapter_set)
+            await self._get_set(request.adapter_set)
         finally:
             for name in missing:
                 self._prepared.pop(name, None)
 
     @contextlib.contextmanager
-    def pinned(self, job: ImageJob):
+    def pinned(self, request: ModelRequest):
         """While a request is between `acquire` and its batch (and in it), its adapters are
         never unloaded: an eviction meanwhile keeps them."""
-        names = [adapter.name for adapter in job.adapters]
+        names = [adapter.name for adapter in request.adapters]
         self._pins.update(names)
         try:
             yield

@@ -1,4 +1,4 @@
-"""The model deployment: owns one engine, batches jobs with one `BatchLoop`, encodes results.
+"""The model deployment: owns one engine, batches requests with one `BatchLoop`, encodes results.
 
 A plain class; `serve_app.app` turns it into a deployment with options from config. Flow per
 request: check the prompt fits the text context (before batching, so a bad request never joins a
@@ -8,8 +8,8 @@ request encodes its own images off the event loop while the next call runs.
 
 Cancellation: when a caller goes away (client disconnect, timeout), Ray Serve cancels the request's
 coroutine here. A chunk still queued never runs; a running one is flagged, and the engine stops a
-pipeline call at the next step once every job in it is flagged; a batch-mate that is still wanted
-keeps the call going and gets its images.
+pipeline call at the next step once every request in it is flagged; a batch-mate that is still
+wanted keeps the call going and gets its images.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from serve_app.autoscaling import job_work, total_work
+from serve_app.autoscaling import request_work, total_work
 from serve_app.batch_loop import BatchLoop
-from serve_app.batching import count_images, split_job
+from serve_app.batching import count_images, split_request
 from serve_app.codec import encode_image
 from serve_app.config import BatchingConfig, ModelConfig
 from serve_app.contract import (
@@ -36,7 +36,7 @@ from serve_app.contract import (
     Completed,
     GenerationCancelled,
     GenerationResult,
-    ImageJob,
+    ModelRequest,
     PartialImage,
     PreviewImages,
     Progress,
@@ -157,15 +157,17 @@ class ImageModel:
         work units; also sets the queue-depth and estimated-wait metrics."""
         text = self.config.max_sequence_length
         queued = total_work(self.batches.queued(), text)
-        running = sum(job_work(job, text, self._steps_left) for job in self.batches.running)
+        running = sum(
+            request_work(request, text, self._steps_left) for request in self.batches.running
+        )
         self.metrics.queued_work.set(queued)
         wait = (queued + running) / self._work_per_s if self._work_per_s else 0.0
         self.metrics.estimated_wait.set(wait)
         return {"queued_work": queued, "running_work": running}
 
     def _busy_adapters(self) -> set[str]:
-        jobs = [*self.batches.queued(), *self.batches.running]
-        return {adapter.name for job in jobs for adapter in job.adapters}
+        requests = [*self.batches.queued(), *self.batches.running]
+        return {adapter.name for request in requests for adapter in request.adapters}
 
     def loaded_adapters(self) -> list[str]:
         """The LoRA adapters loaded on this replica now (operators, tests)."""
@@ -196,26 +198,26 @@ class ImageModel:
             )
         return tokens
 
-    async def generate(self, job: ImageJob) -> GenerationResult:
+    async def generate(self, request: ModelRequest) -> GenerationResult:
         """Generate and encode every image of one request."""
-        return await self._generate(job, self.count_text_tokens(job.prompt))
+        return await self._generate(request, self.count_text_tokens(request.prompt))
 
-    async def generate_stream(self, job: ImageJob) -> AsyncIterator[StreamEvent]:
+    async def generate_stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
         """Streaming variant: `Accepted` (after validation), `PartialImage`s, `Completed`.
 
         Previews travel from the pipeline thread through a per-request queue; each is encoded in
         the request's output format off the event loop.
         """
-        text_tokens = self.count_text_tokens(job.prompt)
+        text_tokens = self.count_text_tokens(request.prompt)
         yield Accepted(text_tokens=text_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PreviewImages | Progress] = asyncio.Queue()
-        job = replace(
-            job,
+        request = replace(
+            request,
             events=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
             cancel=threading.Event(),
         )
-        task = asyncio.ensure_future(self._generate(job, text_tokens))
+        task = asyncio.ensure_future(self._generate(request, text_tokens))
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -223,49 +225,53 @@ class ImageModel:
                 if getter not in done:
                     getter.cancel()
                     break
-                for event in await self._stream_events(job, getter.result()):
+                for event in await self._stream_events(request, getter.result()):
                     yield event
             while not queue.empty():
-                for event in await self._stream_events(job, queue.get_nowait()):
+                for event in await self._stream_events(request, queue.get_nowait()):
                     yield event
             yield Completed(result=task.result())
         finally:
             if not task.done():
-                job.cancel.set()
+                request.cancel.set()
                 task.cancel()
 
     async def _stream_events(
-        self, job: ImageJob, event: PreviewImages | Progress
+        self, request: ModelRequest, event: PreviewImages | Progress
     ) -> list[PartialImage | Progress]:
         if isinstance(event, Progress):
             return [event]
-        return await asyncio.to_thread(self._encode_previews, job, event)
+        return await asyncio.to_thread(self._encode_previews, request, event)
 
     @staticmethod
-    def _encode_previews(job: ImageJob, previews: PreviewImages) -> list[PartialImage]:
+    def _encode_previews(request: ModelRequest, previews: PreviewImages) -> list[PartialImage]:
         return [
             PartialImage(
                 image_index=previews.first_image_index + k,
                 partial_image_index=previews.partial_index,
-                image=encode_image(image, job.output_format, job.output_compression),
+                image=encode_image(image, request.output_format, request.output_compression),
             )
             for k, image in enumerate(previews.images)
         ]
 
-    async def _generate(self, job: ImageJob, text_tokens: int) -> GenerationResult:
-        job = replace(job, cancel=job.cancel or threading.Event(), received_at=time.monotonic())
-        chunks = split_job(job, self.batches.images_per_call(job.width, job.height))
+    async def _generate(self, request: ModelRequest, text_tokens: int) -> GenerationResult:
+        request = replace(
+            request, cancel=request.cancel or threading.Event(), received_at=time.monotonic()
+        )
+        chunks = split_request(request, self.batches.images_per_call(request.width, request.height))
         try:
-            with self.adapters.pinned(job):
-                await self.adapters.acquire(job)
+            with self.adapters.pinned(request):
+                await self.adapters.acquire(request)
                 outcomes = await asyncio.gather(*(self.batches.submit(c) for c in chunks))
         except asyncio.CancelledError:
-            job.cancel.set()  # the engine stops a call once all of its jobs are gone
-            logger.info("request %s cancelled", job.request_id)
+            request.cancel.set()  # the engine stops a call once all of its requests are gone
+            logger.info("request %s cancelled", request.request_id)
             raise
         images = [image for chunk_images, _ in outcomes for image in chunk_images]
         encoded = await asyncio.to_thread(
-            lambda: [encode_image(im, job.output_format, job.output_compression) for im in images]
+            lambda: [
+                encode_image(im, request.output_format, request.output_compression) for im in images
+            ]
         )
         return GenerationResult(
             images=encoded,
@@ -274,24 +280,24 @@ class ImageModel:
             served_by=self.replica_id,
         )
 
-    async def _run_call(self, jobs: list[ImageJob]) -> list[Any]:
-        """One pipeline call for the batch loop: per job `(images, images_in_call)` or the call's
-        exception (a failing call fails only its own jobs)."""
-        images = count_images(jobs)
-        if all(job.cancelled for job in jobs):
-            return [asyncio.CancelledError()] * len(jobs)
+    async def _run_call(self, requests: list[ModelRequest]) -> list[Any]:
+        """One pipeline call for the batch loop: per request `(images, images_in_call)` or the
+        call's exception (a failing call fails only its own requests)."""
+        images = count_images(requests)
+        if all(request.cancelled for request in requests):
+            return [asyncio.CancelledError()] * len(requests)
         started = time.monotonic()
-        for job in jobs:
-            if job.received_at:
-                self.metrics.queue_wait.observe(started - job.received_at)
+        for request in requests:
+            if request.received_at:
+                self.metrics.queue_wait.observe(started - request.received_at)
         try:
-            await self.adapters.ensure_loaded(jobs[0].adapters)
-        except Exception as exc:  # noqa: BLE001 - the adapter's error goes to these jobs
-            return [exc] * len(jobs)
+            await self.adapters.ensure_loaded(requests[0].adapters)
+        except Exception as exc:  # noqa: BLE001 - the adapter's error goes to these requests
+            return [exc] * len(requests)
         self._call_started = started
-        self._steps_left = jobs[0].steps
+        self._steps_left = requests[0].steps
         call = asyncio.get_running_loop().run_in_executor(
-            self._pipeline_thread, functools.partial(self.engine.generate, jobs, self._on_step)
+            self._pipeline_thread, functools.partial(self.engine.generate, requests, self._on_step)
         )
         # The hung-call clock stops when the thread finishes, even if this task is cancelled.
         call.add_done_callback(lambda _: setattr(self, "_call_started", None))
@@ -299,28 +305,28 @@ class ImageModel:
             outputs = await call
         except GenerationCancelled as exc:
             logger.info("pipeline call stopped early: %s", exc)
-            return [exc] * len(jobs)
-        except Exception as exc:  # noqa: BLE001 - reported to this call's jobs only
+            return [exc] * len(requests)
+        except Exception as exc:  # noqa: BLE001 - reported to this call's requests only
             logger.exception(
-                "pipeline call failed for requests %s", [job.request_id for job in jobs]
+                "pipeline call failed for requests %s", [request.request_id for request in requests]
             )
-            return [exc] * len(jobs)
+            return [exc] * len(requests)
         seconds = time.monotonic() - started
         self.metrics.seconds_per_image.observe(seconds / images)
-        rate = total_work(jobs, self.config.max_sequence_length) / max(seconds, 1e-6)
+        rate = total_work(requests, self.config.max_sequence_length) / max(seconds, 1e-6)
         self._work_per_s = rate if self._work_per_s is None else 0.7 * self._work_per_s + 0.3 * rate
         self.metrics.images_per_call.observe(images)
-        logger.info("pipeline call: %d images from %d requests", images, len(jobs))
+        logger.info("pipeline call: %d images from %d requests", images, len(requests))
         return [(output, images) for output in outputs]
 
-    def _on_step(self, step: int, total: int, jobs: list[ImageJob], latents: Any) -> None:
+    def _on_step(self, step: int, total: int, requests: list[ModelRequest], latents: Any) -> None:
         """Progress of the running pipeline call: debug log per request, and metrics."""
         self._steps_left = total - (step + 1)
-        self.metrics.steps.inc(count_images(jobs))
+        self.metrics.steps.inc(count_images(requests))
         self.metrics.progress.set((step + 1) / total)
-        for job in jobs:
-            if job.report_progress and job.events is not None and not job.cancelled:
-                job.events(Progress(step + 1, total))
+        for request in requests:
+            if request.report_progress and request.events is not None and not request.cancelled:
+                request.events(Progress(step + 1, total))
         if logger.isEnabledFor(logging.DEBUG):
-            for job in jobs:
-                logger.debug("request %s: step %d/%d", job.request_id, step + 1, total)
+            for request in requests:
+                logger.debug("request %s: step %d/%d", request.request_id, step + 1, total)

@@ -1,8 +1,8 @@
 """A parsed request + a model's config -> exactly the work to do, with every default applied.
 
 `resolve_generation` checks every value against the model's bounds, failing fast with the
-offending `param` named; `ResolvedGeneration.to_job` is the one place a request becomes the
-`ImageJob` a model replica runs. No HTTP, no torch.
+offending `param` named; `ResolvedGeneration.to_model_request` is the one place a request becomes
+the `ModelRequest` a model replica runs. No HTTP, no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from serve_app.adapters import check_name, not_found
 from serve_app.config import ModelConfig, UploadLimits
-from serve_app.contract import AdapterRef, APIError, ImageJob
+from serve_app.contract import AdapterRef, APIError, ModelRequest
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
 from serve_app.protocol import (
     MAX_SEED,
@@ -66,9 +66,11 @@ class ResolvedGeneration:
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
 
-    def to_job(self, request_id: str, conditioning: Conditioning | None = None) -> ImageJob:
-        """The job a model replica runs for this request (edits add their conditioning)."""
-        return ImageJob(
+    def to_model_request(
+        self, request_id: str, conditioning: Conditioning | None = None
+    ) -> ModelRequest:
+        """The model request a replica runs for this HTTP request (edits add their conditioning)."""
+        return ModelRequest(
             request_id=request_id,
             prompt=self.prompt,
             width=self.width,

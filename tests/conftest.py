@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.contract import ImageJob
+from serve_app.contract import ModelRequest
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +43,12 @@ def decode_base64_image(b64: str) -> Image.Image:
     return decode_image(base64.b64decode(b64))
 
 
-def make_job(**fields) -> ImageJob:
+def make_job(**fields) -> ModelRequest:
     """A small text-to-image job; any field can be overridden."""
     values = dict(
         request_id="r", prompt="a cat", width=64, height=64, steps=2, guidance=2.5, seeds=(1,)
     )
-    return ImageJob(**{**values, **fields})
+    return ModelRequest(**{**values, **fields})
 
 
 def api_error(fn, *args, **kwargs):

@@ -50,4 +50,4 @@ def bench_job(
         prompt=prompt, n=n, size=size, num_inference_steps=steps, seed=0
     )
     resolved = resolve_generation(request, {config.id: config}, max_n=max(n, 1))
-    return resolved.to_job("bench", Conditioning(canvas) if canvas is not None else None)
+    return resolved.to_model_request("bench", Conditioning(canvas) if canvas is not None else None)

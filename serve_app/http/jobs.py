@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.config import AppArgs
-from serve_app.contract import APIError, ImageJob
+from serve_app.contract import APIError, ModelRequest
 from serve_app.http.responses import signed_file
 from serve_app.jobs import payload
 from serve_app.jobs.metrics import JobMetrics
@@ -88,7 +88,7 @@ class JobRoutes:
         request: Request,
         endpoint: str,
         resolved: ResolvedGeneration,
-        job: ImageJob,
+        job: ModelRequest,
         input_tokens: int,
         webhook_url: str | None,
     ) -> Response:

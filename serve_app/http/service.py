@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -22,8 +21,6 @@ from serve_app.contract import (
     Accepted,
     APIError,
     Completed,
-    GenerationResult,
-    ImageJob,
     PartialImage,
     StreamEvent,
 )
@@ -34,27 +31,10 @@ from serve_app.http.jobs import JobRoutes, wants_async
 from serve_app.http.responses import images_response, sse, stream_event
 from serve_app.imageops import Conditioning, prepare_conditioning
 from serve_app.metrics import IngressMetrics
+from serve_app.model_client import ModelClient, ModelStream
 from serve_app.protocol import ImageOptions, Usage
 from serve_app.resolution import ResolvedGeneration, build_usage, resolve_generation
 from serve_app.storage import ImageStore
-
-
-class ModelStream(Protocol):
-    """A model's stream of events for one job; `cancel` stops the model's work."""
-
-    def __anext__(self) -> asyncio.Future[StreamEvent]: ...
-
-    def cancel(self) -> None: ...
-
-
-class ModelClient(Protocol):
-    """How the service reaches one model deployment."""
-
-    async def generate(self, job: ImageJob) -> GenerationResult: ...
-
-    def stream(self, job: ImageJob) -> ModelStream: ...
-
-    async def count_text_tokens(self, prompt: str) -> int: ...
 
 
 def adapter_registries(args: AppArgs) -> dict[str, AdapterRegistry]:
@@ -158,7 +138,7 @@ class ImagesService:
             )
         if resolved.adapters:
             await asyncio.to_thread(self._check_adapters, resolved)
-        job = resolved.to_job(request.state.request_id, conditioning)
+        job = resolved.to_model_request(request.state.request_id, conditioning)
         input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
         model = self.models[resolved.model_id]
         if as_job:

@@ -24,7 +24,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.task_consumer import task_handler
 
 from serve_app.config import AppArgs
-from serve_app.contract import Accepted, APIError, Completed, ImageJob, Progress
+from serve_app.contract import Accepted, APIError, Completed, ModelRequest, Progress
 from serve_app.jobs import payload
 from serve_app.jobs.metrics import JobMetrics
 from serve_app.jobs.queue import TASK_NAME, redis_url
@@ -55,6 +55,30 @@ class Running:
 
 class ImageJobConsumer:
     """Runs queued jobs; `app.build_app` wraps it with `task_consumer(...)`."""
+
+    @staticmethod
+    def deployment_options(args: AppArgs) -> dict[str, Any]:
+        """Options for `serve.deployment`; a serve config's `deployments:` may override them.
+        `args.jobs` is what the autoscaling policy gets: no password, only where to read it."""
+        return {
+            "name": "ImageJobConsumer",
+            "ray_actor_options": {"num_cpus": 0},  # it forwards jobs; the model replicas compute
+            "max_ongoing_requests": 16,  # jobs in flight per consumer: enough to fill batches
+            "graceful_shutdown_timeout_s": 300,  # running jobs finish before a replica goes
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 4,
+                "target_ongoing_requests": 16,
+                "policy": {
+                    "policy_function": "serve_app.jobs.queue_policy:JobQueuePolicy",
+                    "policy_kwargs": {
+                        "jobs": args.jobs.model_dump(mode="json"),
+                        "poll_interval_s": 5,
+                    },
+                },
+            },
+            "logging_config": {"enable_access_log": args.access_log},
+        }
 
     def __init__(self, args: dict, model_handles: dict, embedded_redis: Any = None) -> None:
         """`embedded_redis`: the embedded Redis deployment, bound here so the app deploys it."""
@@ -115,7 +139,7 @@ class ImageJobConsumer:
         logger.info("job %s %s", job_id, outcome)
         return outcome
 
-    def _generate(self, model_id: str, job: ImageJob, running: Running):
+    def _generate(self, model_id: str, job: ModelRequest, running: Running):
         handle = self.models[model_id]
         if job.adapters:
             handle = handle.options(multiplexed_model_id=job.adapter_set)

@@ -1,4 +1,4 @@
-"""A queued job as bytes: the `ImageJob` (images as PNG) and the `ResolvedGeneration` it came
+"""A queued job as bytes: the `ModelRequest` (images as PNG) and the `ResolvedGeneration` it came
 from, as JSON. No pickle: Redis content never becomes code."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from serve_app.contract import AdapterRef, ImageJob
+from serve_app.contract import AdapterRef, ModelRequest
 from serve_app.resolution import ResolvedGeneration
 
 _IMAGE_FIELDS = ("init_image", "mask")
@@ -30,7 +30,7 @@ def _image(text: str) -> Image.Image:
     return image
 
 
-def job_to_bytes(job: ImageJob) -> bytes:
+def job_to_bytes(job: ModelRequest) -> bytes:
     fields: dict[str, Any] = {}
     for field in dataclasses.fields(job):
         if field.name in _RUNTIME_FIELDS:
@@ -46,7 +46,7 @@ def job_to_bytes(job: ImageJob) -> bytes:
     return json.dumps(fields).encode()
 
 
-def job_from_bytes(data: bytes) -> ImageJob:
+def job_from_bytes(data: bytes) -> ModelRequest:
     fields = json.loads(data)
     fields["conditioning"] = tuple(_image(text) for text in fields["conditioning"])
     for name in _IMAGE_FIELDS:
@@ -55,7 +55,7 @@ def job_from_bytes(data: bytes) -> ImageJob:
     fields["adapters"] = tuple(AdapterRef(**adapter) for adapter in fields["adapters"])
     for name in ("seeds", "preview_steps"):
         fields[name] = tuple(fields[name])
-    return ImageJob(**fields)
+    return ModelRequest(**fields)
 
 
 def resolved_to_json(resolved: ResolvedGeneration) -> str:

@@ -2,7 +2,7 @@
 
 Every state change is one Lua script, so an ingress cancelling a job and a consumer finishing it
 can never both win. Keys (prefix `serve_app:`): `job:<id>` (hash), `job:<id>:payload` (the
-queued `ImageJob`), `queued` (sorted set, id by submission order: jobs no consumer has taken),
+queued `ModelRequest`), `queued` (sorted set, id by submission order: jobs no consumer has taken),
 `waiting` (sorted set: jobs the model has not started, taken by a consumer or not) with
 `waiting_by_owner` (hash: owner -> how many of those are theirs), `owner:<name>` (sorted set),
 `seq` (counter). A finished job expires after `result_ttl_s`; its payload is deleted when it

@@ -4,20 +4,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve_app.autoscaling import WorkPolicy, desired_replicas, job_work
+from serve_app.autoscaling import WorkPolicy, desired_replicas, request_work
 from tests.conftest import make_job
 
 
 def test_work_weights_image_steps_by_tokens():
     heavy = make_job(width=1024, height=1024, steps=28, seeds=tuple(range(8)))
     light = make_job(width=256, height=256, steps=4, seeds=(0,))
-    assert job_work(heavy) == 8 * 28  # units: steps of one 1024x1024 text-to-image image
-    assert job_work(heavy) / job_work(light) > 100  # the "~100x": more, with text
+    assert request_work(heavy) == 8 * 28  # units: steps of one 1024x1024 text-to-image image
+    assert request_work(heavy) / request_work(light) > 100  # the "~100x": more, with text
     edit = make_job(width=1024, height=1024, steps=28, conditioning=(object(),))
-    assert job_work(edit) / job_work(make_job(width=1024, height=1024, steps=28)) == pytest.approx(
-        (2 * 4096 + 512) / (4096 + 512)
-    )
-    assert job_work(heavy, steps_left=7) == job_work(heavy) / 4
+    assert request_work(edit) / request_work(
+        make_job(width=1024, height=1024, steps=28)
+    ) == pytest.approx((2 * 4096 + 512) / (4096 + 512))
+    assert request_work(heavy, steps_left=7) == request_work(heavy) / 4
 
 
 def test_desired_replicas_cover_the_work_within_bounds():

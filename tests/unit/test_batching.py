@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from serve_app.batching import call_is_full, count_images, next_call, split_job
+from serve_app.batching import call_is_full, count_images, next_call, split_request
 from tests.conftest import make_job
 
 
@@ -78,7 +78,7 @@ def test_conditioning_with_same_shape_shares_a_call():
 
 
 def test_split_keeps_every_seed_and_image_index_in_order():
-    chunks = split_job(job(seeds=range(10)), 4)
+    chunks = split_request(job(seeds=range(10)), 4)
     assert [c.seeds for c in chunks] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
     assert [c.first_image_index for c in chunks] == [0, 4, 8]
     assert all(c.request_id == "r" and c.width == 256 for c in chunks)
@@ -86,6 +86,6 @@ def test_split_keeps_every_seed_and_image_index_in_order():
 
 def test_split_leaves_small_jobs_alone():
     small = job(seeds=(1, 2))
-    assert split_job(small, 2) == [small]
+    assert split_request(small, 2) == [small]
     with pytest.raises(ValueError):
-        split_job(small, 0)
+        split_request(small, 0)

@@ -9,7 +9,7 @@ from ray.serve._private.utils import import_attr
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from serve_app.autoscaling import job_work
+from serve_app.autoscaling import request_work
 from serve_app.config import AppArgs, BatchingConfig
 from tests.conftest import make_job
 
@@ -69,7 +69,7 @@ def test_production_config_runs_flux_kontext_on_gpus():
     # Scaled on work: the target is a full batch of the default size at the default steps.
     policy = deployment["autoscaling_config"]["policy"]
     assert policy["policy_function"] == "serve_app.autoscaling:WorkPolicy"
-    full_batch = job_work(
+    full_batch = request_work(
         make_job(width=1024, height=1024, steps=model.quality_steps.high, seeds=tuple(range(batch)))
     )
     assert policy["policy_kwargs"]["target_work_per_replica"] == full_batch

@@ -9,7 +9,7 @@ from serve_app.contract import (
     APIError,
     Completed,
     GenerationResult,
-    ImageJob,
+    ModelRequest,
     PartialImage,
 )
 from serve_app.http.errors import error_response
@@ -43,7 +43,7 @@ def test_default_types_and_codes():
 
 def test_jobs_and_events_pickle_with_their_images():
     canvas = Image.new("RGB", (32, 16), "red")
-    job = ImageJob("r", "a cat", 64, 32, 4, 2.5, (1, 2), conditioning=(canvas,))
+    job = ModelRequest("r", "a cat", 64, 32, 4, 2.5, (1, 2), conditioning=(canvas,))
     copy = roundtrip(job)
     assert copy == job and copy.conditioning[0].tobytes() == canvas.tobytes()
     result = GenerationResult(images=[b"png"], text_tokens=3, batch_sizes=[1])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.contract import ImageJob
+from serve_app.contract import ModelRequest
 from serve_app.engine import FluxEngine, ModelLoadError
 from tests.conftest import assert_batch_equivalent
 
@@ -19,7 +19,7 @@ def engine(tiny_cache_dir):
 
 
 def job(seeds=(1,), width=64, height=64, steps=2, prompt="a red cat"):
-    return ImageJob(
+    return ModelRequest(
         request_id="t",
         prompt=prompt,
         width=width,

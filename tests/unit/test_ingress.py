@@ -90,7 +90,7 @@ class PendingHandle:
 def test_a_model_request_whose_caller_times_out_is_cancelled_in_the_model():
     """`wait_for` cancels the awaiting coroutine; the model's request must be cancelled too,
     or the replica keeps working on an answer nobody reads."""
-    from serve_app.ingress import RayModelClient
+    from serve_app.model_client import RayModelClient
     from tests.conftest import make_job
 
     handle = PendingHandle()

@@ -13,7 +13,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from serve_app.config import WebhookConfig
-from serve_app.contract import AdapterRef, ImageJob
+from serve_app.contract import AdapterRef, ModelRequest
 from serve_app.jobs import payload
 from serve_app.jobs.store import JobStore, QueueFull, new_job_id
 from serve_app.jobs.webhooks import WebhookRefused, check_destination, secret_bytes, sign
@@ -134,7 +134,7 @@ def test_listing_is_per_owner_newest_first_with_a_cursor(store):
 
 def test_a_job_payload_round_trips_with_its_images():
     canvas = Image.effect_noise((64, 64), 50).convert("RGB")
-    job = ImageJob("r", "p", 64, 64, 2, 2.5, (1, 2), conditioning=(canvas,),
+    job = ModelRequest("r", "p", 64, 64, 2, 2.5, (1, 2), conditioning=(canvas,),
                    mask=Image.new("L", (64, 64), 255), init_image=canvas,
                    adapters=(AdapterRef("a", 0.5),))  # fmt: skip
     back = payload.job_from_bytes(payload.job_to_bytes(job))
@@ -329,7 +329,7 @@ def test_a_job_past_its_time_limit_fails_with_job_timeout_and_frees_the_model(re
     try:
         store = consumer.store
         store.redis.flushdb()
-        job = ImageJob("r", "a cat", 64, 64, 10_000, 2.5, (1,))
+        job = ModelRequest("r", "a cat", 64, 64, 10_000, 2.5, (1,))
         job_id = new_job_id()
         fields = {"id": job_id, "status": "queued", "owner": "-", "created_at": time.time(),
                   "model": "m", "endpoint": "generations"}  # fmt: skip

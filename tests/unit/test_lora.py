@@ -95,7 +95,7 @@ def test_adapters_resolve_sorted_with_their_scales_and_become_the_job(tmp_path):
     models = lora_model(tmp_path)
     resolved = resolve(models, lora=[{"name": "b", "scale": 0.5}, {"name": "a"}])
     assert resolved.adapters == (AdapterRef("a", 1.0), AdapterRef("b", 0.5))
-    job = resolved.to_job("r")
+    job = resolved.to_model_request("r")
     assert job.adapters == resolved.adapters and job.adapter_set == "a+b"
     from_model = resolve(models, model=f"{MODEL}:a")
     assert from_model.adapters == (AdapterRef("a", 1.0),) and from_model.model_id == MODEL

@@ -94,7 +94,7 @@ def test_health_fails_when_a_call_hangs_or_the_model_is_gone(model):
 def test_the_replica_reports_the_work_it_holds(model):
     """`record_autoscaling_stats` (what WorkPolicy scales on): queued work while a call runs,
     running work that shrinks with the steps done, nothing once idle; a measured wait."""
-    from serve_app.autoscaling import job_work
+    from serve_app.autoscaling import request_work
 
     model.reconfigure({"max_batch_images": 1, "batch_wait_timeout_s": 0})
     seen = []
@@ -129,11 +129,11 @@ def test_the_replica_reports_the_work_it_holds(model):
     assert wait_gauge.calls[0][0] > 0
     # During the first call (2 steps): the second job queued, the first running.
     assert seen[0] == {
-        "queued_work": job_work(job("third"), text),
-        "running_work": job_work(first, text, 1),
+        "queued_work": request_work(job("third"), text),
+        "running_work": request_work(first, text, 1),
     }
     assert seen[1]["running_work"] == 0  # last step done
     idle = asyncio.run(model.record_autoscaling_stats())  # what Ray Serve calls
     assert idle == {"queued_work": 0, "running_work": 0}
     assert model._work_per_s > 0
-    assert job_work(second, text) > job_work(first, text)  # bigger and longer: more work
+    assert request_work(second, text) > request_work(first, text)  # bigger and longer: more work

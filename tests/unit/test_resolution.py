@@ -145,7 +145,7 @@ def test_usage_counts_text_and_image_tokens():
 
 def test_to_job_carries_every_resolved_field():
     resolved = resolve(size="128x64", n=2, seed=5, quality="high", output_format="webp")
-    job = resolved.to_job("id1")
+    job = resolved.to_model_request("id1")
     assert (job.request_id, job.prompt, job.width, job.height) == ("id1", "a cat", 128, 64)
     assert (job.seeds, job.steps, job.guidance) == ((5, 6), 8, TINY.default_guidance)
     assert (job.output_format, job.conditioning, job.mask, job.preview_steps) == (
@@ -155,7 +155,7 @@ def test_to_job_carries_every_resolved_field():
         (),
     )
     streamed = resolve(size="128x64", stream=True, partial_images=2, num_inference_steps=6)
-    assert streamed.to_job("id2").preview_steps == preview_steps(2, 6) == (1, 3)
+    assert streamed.to_model_request("id2").preview_steps == preview_steps(2, 6) == (1, 3)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.contract import ImageJob
+from serve_app.contract import ModelRequest
 from serve_app.engine import FluxEngine, ModelLoadError
 
 STEPS = 8
@@ -18,7 +18,7 @@ def load(tiny_cache_dir, **fields) -> FluxEngine:
 
 
 def generate(engine: FluxEngine) -> np.ndarray:
-    job = ImageJob(
+    job = ModelRequest(
         request_id="t", prompt="a cat", width=128, height=128, steps=STEPS, guidance=2.5, seeds=(1,)
     )
     [[image]] = engine.generate([job])
