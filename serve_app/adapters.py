@@ -15,7 +15,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from serve_app.config import LoraConfig, cache_root
+from serve_app.cache import lora_dir
+from serve_app.config import LoraConfig
 from serve_app.contract import APIError
 
 SUFFIX = ".safetensors"
@@ -60,7 +61,7 @@ class AdapterRegistry:
         self.model_id = model_id
         self.config = config
         self.dirs = [Path(os.path.expandvars(os.path.expanduser(d))) for d in config.dirs]
-        self.cache = Path(cache_dir) if cache_dir else cache_root() / "lora"
+        self.cache = Path(cache_dir) if cache_dir else lora_dir()
         self._s3 = None
         self.bucket, self.prefix = "", ""
         if config.s3_prefix:
@@ -85,7 +86,7 @@ class AdapterRegistry:
         return sorted(name for name in found if NAME.fullmatch(name) and ".." not in name)
 
     def exists(self, name: str) -> bool:
-        return self._local(name) is not None or (bool(self.bucket) and self._s3_etag(name))
+        return self._local(name) is not None or bool(self.bucket and self._s3_etag(name))
 
     def check(self, names: list[str], param: str) -> None:
         """404 `adapter_not_found` for the first name that is not available."""

@@ -90,8 +90,7 @@ class BatchLoop:
             if len(outcomes) != len(requests):
                 error = RuntimeError(
                     f"a pipeline call returned {len(outcomes)} outcomes for {len(requests)} "
-                    "requests; "
-                    "every request needs exactly one"
+                    "requests; every request needs exactly one"
                 )
                 outcomes = [error] * len(requests)
             for (_, future), outcome in zip(requests_and_futures, outcomes, strict=True):
@@ -116,9 +115,6 @@ class BatchLoop:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except asyncio.TimeoutError:
                 return
-
-    def _full(self) -> bool:
-        return call_is_full(self._requests(), self.max_images, self.max_pixels)
 
     def _take_live(self) -> bool:
         """Forget requests whose callers went away; whether any request still waits."""

@@ -11,10 +11,13 @@ wire models, no torch: a new field goes on `ModelRequest`, a new event next to t
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from serve_app.dataclass_json import IMAGE, SKIP, from_jsonable, to_jsonable
 
 # --- errors ----------------------------------------------------------------------------------
 
@@ -119,16 +122,18 @@ class ModelRequest:
     seeds: tuple[int, ...]
     output_format: str = "png"
     output_compression: int = 100
-    conditioning: tuple[Any, ...] = ()
-    init_image: Any = None
-    mask: Any = None
+    conditioning: tuple[Any, ...] = field(default=(), metadata=IMAGE)
+    init_image: Any = field(default=None, metadata=IMAGE)
+    mask: Any = field(default=None, metadata=IMAGE)
     preview_steps: tuple[int, ...] = ()
     first_image_index: int = 0
     adapters: tuple[AdapterRef, ...] = ()  # sorted by name; empty = the base weights
     report_progress: bool = False  # streaming: send `Progress` after every denoising step
-    events: Callable[[PreviewImages], None] | None = field(default=None, compare=False, repr=False)
-    cancel: threading.Event | None = field(default=None, compare=False, repr=False)
-    received_at: float = field(default=0.0, compare=False)
+    events: Callable[[PreviewImages | Progress], None] | None = field(
+        default=None, compare=False, repr=False, metadata=SKIP
+    )
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False, metadata=SKIP)
+    received_at: float = field(default=0.0, compare=False, metadata=SKIP)
 
     @property
     def cancelled(self) -> bool:
@@ -145,6 +150,14 @@ class ModelRequest:
     @property
     def adapter_set(self) -> str:
         return adapter_set_id(self.adapters)
+
+    def to_json(self) -> bytes:
+        """For an asynchronous job's queue: every field but the replica's own (images as PNG)."""
+        return json.dumps(to_jsonable(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ModelRequest:
+        return from_jsonable(cls, json.loads(data))
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ prompt list and one seeded ``torch.Generator`` per image, and returns PIL images
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -21,6 +22,7 @@ from serve_app.adapters import pipeline_name
 from serve_app.batching import group_key
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, PreviewImages
+from serve_app.engine_adapters import AdapterLoadError, linear_shapes, read_adapter_file
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
 from serve_app.memory_fit import MemoryFit, fit_memory
@@ -37,10 +39,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do about it."""
-
-
-class AdapterLoadError(ValueError):
-    """An adapter file is unreadable or does not fit this model; the message says which."""
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -87,10 +85,12 @@ class FluxEngine:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
-        self.pipe = None
-        self.inpaint_pipe = None
-        self._velocity = None  # the transformer's latest prediction, for preview estimates
-        self._preview_projection = None  # latent_rgb previews: (17, 3) latent -> RGB
+        # diffusers pipelines (Any: the LoRA, offload and cache methods come from mixins).
+        self.pipe: Any = None
+        self.inpaint_pipe: Any = None
+        # The transformer's latest prediction, for preview estimates.
+        self._velocity: torch.Tensor | None = None
+        self._preview_projection: torch.Tensor | None = None  # latent_rgb: (17, 3) latent -> RGB
         # LoRA adapters loaded into the pipeline: replaced (never mutated) by the pipeline
         # thread, so other threads may read it at any time.
         self.adapters: frozenset[str] = frozenset()
@@ -98,7 +98,7 @@ class FluxEngine:
         # tokenizer keeps truncation and padding as state on its Rust backend, so sharing the
         # pipeline's would let one call tokenize with the other's settings (wrong images):
         # the check has its own copy, and a lock for its own concurrent callers.
-        self._counting_tokenizer = None
+        self._counting_tokenizer: Any = None
         self._counting_lock = threading.Lock()
         # "<component>.<module>" -> (out_features, in_features) of every Linear layer, taken at
         # load before any adapter wraps one: adapter files are checked against it off-thread.
@@ -144,7 +144,7 @@ class FluxEngine:
                 f"out of GPU memory loading model {config.id!r}: use a GPU with more memory, "
                 "set cpu_offload: true, or speed.quantization: fp8."
             ) from exc
-        except Exception as exc:  # noqa: BLE001 - re-raised with advice
+        except Exception as exc:  # re-raised with advice
             raise ModelLoadError(
                 f"could not load model {config.id!r} from {source!r}: {exc}. Check that the "
                 "path exists or, for a hub id, that the weights are downloaded (HF_HOME) or "
@@ -152,12 +152,7 @@ class FluxEngine:
             ) from exc
         pipe.set_progress_bar_config(disable=True)
         self._counting_tokenizer = copy.deepcopy(pipe.tokenizer_2)
-        self._linear_shapes = {
-            f"{component}.{module_name}": (module.out_features, module.in_features)
-            for component in ("transformer", "text_encoder")
-            for module_name, module in getattr(pipe, component).named_modules()
-            if isinstance(module, torch.nn.Linear)
-        }
+        self._linear_shapes = linear_shapes(pipe)
         if config.vae_tiling:
             pipe.vae.enable_tiling()
         if config.vae_slicing:
@@ -231,7 +226,7 @@ class FluxEngine:
                 "memory", "warm-up", width, height, 2, self.config.default_guidance,
                 tuple(range(n)), conditioning=(canvas,),
             )  # fmt: skip
-            peaks.append(probe.peak_bytes(lambda request=request: self.generate([request])))
+            peaks.append(probe.peak_bytes(functools.partial(self.generate, [request])))
         fit = fit_memory(peaks[0], peaks[1], width * height, probe.capacity_bytes())
         logger.info("Memory of %s: %s", self.config.id, fit.describe(width, height))
         return fit, (width, height)
@@ -245,54 +240,8 @@ class FluxEngine:
 
     def read_adapter(self, name: str, path: str) -> dict[str, torch.Tensor]:
         """An adapter file as a state dict in diffusers' layout, checked against this model's
-        layers (so a mismatch is refused before anything is injected)."""
-        from diffusers import FluxKontextPipeline
-
-        try:
-            state, alphas = FluxKontextPipeline.lora_state_dict(path, return_alphas=True)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            reason = str(exc).replace(path, f"{name}.safetensors")  # no server paths to clients
-            raise AdapterLoadError(
-                f"adapter {name!r} could not be read as a FLUX LoRA (.safetensors in the "
-                f"diffusers/PEFT or kohya format): {reason[:300]}"
-            ) from None
-        if not state:
-            raise AdapterLoadError(f"adapter {name!r} holds no LoRA weights")
-        self._check_adapter_finite(name, {**state, **(alphas or {})})
-        self._check_adapter_shapes(name, state)
-        return {**state, **(alphas or {})}  # alphas keep their keys; load_lora_weights reads them
-
-    @staticmethod
-    def _check_adapter_finite(name: str, state: dict[str, torch.Tensor | float]) -> None:
-        """Refuse NaN or infinite weights: PEFT would inject them and every image of the
-        adapter would come out black (one pass over the weights, cheap next to the read)."""
-        for key, value in state.items():
-            tensor = torch.as_tensor(value)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise AdapterLoadError(
-                    f"adapter {name!r} holds {bad} NaN or infinite weight(s) in {key}: the "
-                    "file is damaged or was trained with a diverging loss; replace it"
-                )
-
-    def _check_adapter_shapes(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Against the layer shapes taken at load: this runs on a worker thread while the
-        pipeline thread may be wrapping or unwrapping layers for other adapters."""
-        for key, tensor in state.items():
-            prefix, _, rest = key.partition(".")
-            for marker, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-                if prefix not in ("transformer", "text_encoder") or marker not in rest:
-                    continue
-                if tensor.ndim != 2:
-                    continue
-                features = self._linear_shapes.get(f"{prefix}.{rest.split(marker)[0]}")
-                expected = None if features is None else features[dim]
-                if expected is None or tensor.shape[dim] != expected:
-                    raise AdapterLoadError(
-                        f"adapter {name!r} does not fit model {self.config.id!r}: {key} has "
-                        f"shape {tuple(tensor.shape)}, the model's layer "
-                        f"{'is missing' if expected is None else f'has {expected} features'}"
-                    )
+        layers (so a mismatch is refused before anything is injected; `engine_adapters`)."""
+        return read_adapter_file(name, path, self._linear_shapes, self.config.id)
 
     def add_adapter(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Inject a read adapter (inactive until a call asks for it)."""
@@ -359,7 +308,7 @@ class FluxEngine:
                 raise GenerationCancelled(f"all {len(requests)} requests cancelled at step {step}")
             latents = tensors["latents"]
             previews = [
-                (offset, request)
+                (offset, request, request.events)
                 for offset, request in zip(offsets, requests, strict=True)
                 if request.events is not None
                 and step in request.preview_steps
@@ -369,11 +318,12 @@ class FluxEngine:
                 # Flow matching: x_next = x + (sigma_next - sigma) * v, so the current estimate
                 # of the final latents is x_next - sigma_next * v.
                 sigma_next = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)
+                assert self._velocity is not None  # the forward hook set it this step
                 velocity = self._velocity[:, : latents.shape[1]].to(latents.dtype)
-                for offset, request in previews:
+                for offset, request, events in previews:
                     rows = slice(offset, offset + request.n)
                     denoised = latents[rows] - sigma_next * velocity[rows]
-                    request.events(
+                    events(
                         PreviewImages(
                             partial_index=request.preview_steps.index(step),
                             step=step,

@@ -42,7 +42,7 @@ def _widths_at(images: list[Image.Image], height: int) -> list[int]:
 
 def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize to exactly `size` (no-op when already there)."""
-    return image if image.size == size else image.resize(size, Image.LANCZOS)
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def editable_mask(mask_rgba: Image.Image) -> Image.Image:
@@ -90,5 +90,5 @@ def prepare_conditioning(
         return Conditioning(canvas)
     mask = editable_mask(mask_rgba)
     if mask.size != output_size:
-        mask = mask.resize(output_size, Image.NEAREST)
+        mask = mask.resize(output_size, Image.Resampling.NEAREST)
     return Conditioning(canvas, fit(images[0], output_size), mask)

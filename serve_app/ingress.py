@@ -1,7 +1,8 @@
-"""The ingress deployment: the route table, and the wiring of the HTTP pieces to Ray.
+"""The ingress deployment: the wiring of the HTTP pieces to Ray.
 
-Everything an endpoint does lives in `serve_app.http`; this module only says which route goes
-where and connects model ids to their deployment handles. Never imports torch.
+Everything an endpoint does lives in `serve_app.http`; which route goes where is the table in
+`serve_app.routes` (this module resolves its handlers). It connects model ids to their deployment
+handles. Never imports torch.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import reduce
 from typing import Any
 
 from ray import serve
+from ray.serve.schema import ReplicaState
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -22,14 +25,15 @@ from serve_app import memory
 from serve_app.auth import KeyStore
 from serve_app.config import AppArgs
 from serve_app.http.errors import error_response
-from serve_app.http.jobs import JOBS_ROUTE, JobRoutes
+from serve_app.http.jobs import JobRoutes
 from serve_app.http.meta import MetaRoutes, ModelStatus
-from serve_app.http.middleware import RequestFrame, current_request_id
+from serve_app.http.middleware import Handler, RequestFrame, current_request_id
 from serve_app.http.playground import PlaygroundRoutes
 from serve_app.http.service import ImagesService, adapter_registries
 from serve_app.metrics import IngressMetrics
 from serve_app.model_client import ModelClient, RayModelClient
-from serve_app.storage import FILES_ROUTE, JOB_FILES_ROUTE, cleanup_forever, make_store
+from serve_app.routes import Feature, RouteSpec, served
+from serve_app.storage import cleanup_forever, make_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,6 +79,9 @@ class ImagesIngress:
             [model.id for model in self.args.models],
             f"required ({len(keys)} configured)" if keys else "not required",
         )
+        self.playground = PlaygroundRoutes() if self.args.playground else None
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._job_cleanup: asyncio.Task[None] | None = None
         try:
             loop = asyncio.get_running_loop()
             interval = self.args.storage.cleanup_interval_s
@@ -82,39 +89,40 @@ class ImagesIngress:
             if self.jobs is not None:
                 self._job_cleanup = loop.create_task(cleanup_forever(self.jobs.images, interval))
         except RuntimeError:  # constructed outside an event loop (tests): no background cleanup
-            self._cleanup_task = None
+            pass
 
-    def routes(self) -> list[tuple[str, str, object]]:
-        """The route table: path, method, handler."""
-        routes = [
-            ("/v1/images/generations", "POST", self.images.create_generation),
-            ("/v1/images/edits", "POST", self.images.create_edit),
-            ("/v1/images/variations", "POST", self.images.create_variation),
-            (FILES_ROUTE + "/{name}", "GET", self.meta.get_file),
-            ("/v1/models", "GET", self.meta.list_models),
-            ("/v1/models/{model:path}", "GET", self.meta.get_model),
-            ("/health", "GET", self.meta.health),
-            ("/openapi.json", "GET", self.meta.openapi),
-        ]
+    @staticmethod
+    def deployment_options(args: AppArgs) -> dict[str, Any]:
+        """The `serve.deployment` options of the ingress (`app.py` binds it with them)."""
+        return {
+            "name": "ImagesIngress",
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": 0},
+            "max_ongoing_requests": 256,
+            "logging_config": {"enable_access_log": args.access_log},
+        }
+
+    def routes(self) -> list[tuple[RouteSpec, Handler]]:
+        """The routes of `serve_app.routes.ROUTES` these args serve (jobs while jobs are on, the
+        playground while it is), each with its handler resolved on this ingress."""
+        on: set[Feature] = set()
         if self.jobs is not None:
-            routes += [
-                (JOBS_ROUTE, "GET", self.jobs.list_jobs),
-                (JOB_FILES_ROUTE + "/{name}", "GET", self.jobs.get_file),
-                (JOBS_ROUTE + "/{job_id}", "GET,DELETE", self.jobs.job),
-            ]
-        if self.args.playground:
-            playground = PlaygroundRoutes()
-            routes += [
-                ("/", "GET", playground.page),
-                ("/playground", "GET", playground.page),
-                ("/playground/{name}", "GET", playground.asset),
-            ]
-        return routes
+            on.add("jobs")
+        if self.playground is not None:
+            on.add("playground")
+        return [(route, self._handler(route)) for route in served(on)]
+
+    def _handler(self, route: RouteSpec) -> Handler:
+        """`"images.create_generation"` -> `self.images.create_generation`."""
+        handler = reduce(getattr, route.handler.split("."), self)
+        if not callable(handler):
+            raise TypeError(f"route {route.path}: {route.handler} is not a handler")
+        return handler
 
     def __serve_build_asgi_app__(self) -> Starlette:
         routes = [
-            Route(path, self.frame.wrap(handler, path), methods=method.split(","))
-            for path, method, handler in self.routes()
+            Route(route.path, self.frame.wrap(handler, route), methods=list(route.methods))
+            for route, handler in self.routes()
         ]
 
         async def http_error(request: Request, exc: Exception) -> Response:
@@ -130,6 +138,6 @@ class ImagesIngress:
             info = deployments.get(model.deployment_name)
             statuses[model.id] = ModelStatus(
                 status=str(info.status.value) if info else "MISSING",
-                running_replicas=info.replica_states.get("RUNNING", 0) if info else 0,
+                running_replicas=info.replica_states.get(ReplicaState.RUNNING, 0) if info else 0,
             )
         return statuses

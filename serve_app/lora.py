@@ -23,6 +23,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from serve_app.adapters import AdapterRegistry
+from serve_app.cache import lora_dir
 from serve_app.config import ModelConfig
 from serve_app.contract import AdapterRef, APIError, ModelRequest
 
@@ -143,7 +144,7 @@ class ReplicaAdapters:
 
     async def _load(self, name: str) -> None:
         """Read on a worker thread, inject on the pipeline thread (after the running call)."""
-        from serve_app.engine import AdapterLoadError
+        from serve_app.engine_adapters import AdapterLoadError
 
         async with self._load_lock:
             if name in self.engine.adapters:
@@ -164,7 +165,7 @@ class ReplicaAdapters:
 
     async def _read(self, name: str) -> dict:
         """The adapter's file (downloaded if remote) read and checked, on worker threads."""
-        from serve_app.engine import AdapterLoadError
+        from serve_app.engine_adapters import AdapterLoadError
 
         path = await asyncio.to_thread(self.registry.fetch, name)
         try:
@@ -201,6 +202,4 @@ def _invalid(exc: Exception) -> APIError:
 
 
 def _download_dir(config: ModelConfig) -> str:
-    from serve_app.config import cache_root
-
-    return str(cache_root() / "lora" / config.deployment_name)
+    return str(lora_dir(config.deployment_name))

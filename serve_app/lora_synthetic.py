@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from safetensors.torch import save_file
@@ -56,10 +56,10 @@ def adapter_state_dict(
         return state
     targets = {
         f"double_blocks_{i}_img_attn_proj": modules[f"transformer_blocks.{i}.attn.to_out.0"]
-        for i in range(len(transformer.transformer_blocks))
+        for i in range(len(cast(torch.nn.ModuleList, transformer.transformer_blocks)))
     } | {
         f"single_blocks_{i}_linear2": modules[f"single_transformer_blocks.{i}.proj_out"]
-        for i in range(len(transformer.single_transformer_blocks))
+        for i in range(len(cast(torch.nn.ModuleList, transformer.single_transformer_blocks)))
     }
     for name, module in targets.items():
         down, up = pair(module.in_features, module.out_features)

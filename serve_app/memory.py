@@ -16,10 +16,10 @@ import logging
 logger = logging.getLogger("ray.serve")
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-_libc = None
+_libc: ctypes.CDLL | bool | None = None  # None: not looked up yet; False: not glibc
 
 
-def _glibc():
+def _glibc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None:
         try:
@@ -28,7 +28,7 @@ def _glibc():
             _libc = libc
         except (OSError, AttributeError):
             _libc = False
-    return _libc or None
+    return _libc if isinstance(_libc, ctypes.CDLL) else None
 
 
 def prefer_mmap(threshold_bytes: int = 1 << 20) -> bool:

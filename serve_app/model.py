@@ -1,10 +1,11 @@
 """The model deployment: owns one engine, batches requests with one `BatchLoop`, encodes results.
 
-A plain class; `serve_app.app` turns it into a deployment with options from config. Flow per
-request: check the prompt fits the text context (before batching, so a bad request never joins a
-call) -> split into chunks of at most `max_batch_images` -> each chunk waits in the batch loop,
-which runs compatible chunks of many requests as one pipeline call, off the event loop -> the
-request encodes its own images off the event loop while the next call runs.
+A plain class; `serve_app.app` turns it into a deployment with the options it declares
+(`ImageModel.deployment_options`). Flow per request: check the prompt fits the text context
+(before batching, so a bad request never joins a call) -> split into chunks of at most
+`max_batch_images` -> each chunk waits in the batch loop, which runs compatible chunks of many
+requests as one pipeline call, off the event loop -> the request encodes its own images off the
+event loop while the next call runs.
 
 Cancellation: when a caller goes away (client disconnect, timeout), Ray Serve cancels the request's
 coroutine here. A chunk still queued never runs; a running one is flagged, and the engine stops a
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -29,7 +30,7 @@ from serve_app.autoscaling import request_work, total_work
 from serve_app.batch_loop import BatchLoop
 from serve_app.batching import count_images, split_request
 from serve_app.codec import encode_image
-from serve_app.config import BatchingConfig, ModelConfig
+from serve_app.config import AppArgs, BatchingConfig, ModelConfig
 from serve_app.contract import (
     Accepted,
     APIError,
@@ -43,7 +44,7 @@ from serve_app.contract import (
     StreamEvent,
 )
 from serve_app.lora import ReplicaAdapters
-from serve_app.memory_fit import batch_limit
+from serve_app.memory_fit import MemoryFit, batch_limit
 from serve_app.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -82,6 +83,24 @@ def _torch_threads(config: ModelConfig) -> int:
 class ImageModel:
     """One replica of one model. `engine_cls` is injectable so unit tests can run without Ray."""
 
+    @staticmethod
+    def deployment_options(args: AppArgs, model: ModelConfig) -> dict[str, Any]:
+        """Options for `serve.deployment` (a serve config's `deployments:` may override them):
+        one replica, one CPU (and a GPU for `device: cuda`), room to fill two batches."""
+        actor_options = {"num_cpus": 1, **({"num_gpus": 1} if model.device == "cuda" else {})}
+        return {
+            "name": model.deployment_name,
+            "num_replicas": 1,
+            "ray_actor_options": actor_options,
+            # Two calls' worth of requests: one running, one queued for the next call.
+            "max_ongoing_requests": 2 * args.batching.max_batch_images,
+            # Only what was set: an unset max_batch_images is sized to the GPU's memory.
+            "user_config": args.batching.model_dump(exclude_unset=True),
+            # A batch of large images can take minutes on a slow device.
+            "health_check_timeout_s": 120,
+            "logging_config": {"enable_access_log": args.access_log},
+        }
+
     def __init__(
         self,
         model_config: dict | ModelConfig,
@@ -102,9 +121,10 @@ class ImageModel:
 
             memory_probe = CudaMemoryProbe()
         # On a GPU: how big a call fits, measured once; caps max_batch_images (memory_fit.py).
-        self.memory_fit, self._fit_size = (
-            self.engine.measure_memory(memory_probe) if memory_probe else (None, (0, 0))
-        )
+        self.memory_fit: MemoryFit | None = None
+        self._fit_size = (0, 0)
+        if memory_probe:
+            self.memory_fit, self._fit_size = self.engine.measure_memory(memory_probe)
         # The pipeline is not thread-safe: one worker runs every call in order.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         defaults = BatchingConfig()
@@ -212,11 +232,12 @@ class ImageModel:
         yield Accepted(text_tokens=text_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PreviewImages | Progress] = asyncio.Queue()
-        request = replace(
-            request,
-            events=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
-            cancel=threading.Event(),
-        )
+
+        def send(event: PreviewImages | Progress) -> None:  # from the pipeline thread
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        cancel = threading.Event()
+        request = replace(request, events=send, cancel=cancel)
         task = asyncio.ensure_future(self._generate(request, text_tokens))
         try:
             while True:
@@ -233,12 +254,12 @@ class ImageModel:
             yield Completed(result=task.result())
         finally:
             if not task.done():
-                request.cancel.set()
+                cancel.set()
                 task.cancel()
 
     async def _stream_events(
         self, request: ModelRequest, event: PreviewImages | Progress
-    ) -> list[PartialImage | Progress]:
+    ) -> Sequence[PartialImage | Progress]:
         if isinstance(event, Progress):
             return [event]
         return await asyncio.to_thread(self._encode_previews, request, event)
@@ -255,16 +276,15 @@ class ImageModel:
         ]
 
     async def _generate(self, request: ModelRequest, text_tokens: int) -> GenerationResult:
-        request = replace(
-            request, cancel=request.cancel or threading.Event(), received_at=time.monotonic()
-        )
+        cancel = request.cancel or threading.Event()
+        request = replace(request, cancel=cancel, received_at=time.monotonic())
         chunks = split_request(request, self.batches.images_per_call(request.width, request.height))
         try:
             with self.adapters.pinned(request):
                 await self.adapters.acquire(request)
                 outcomes = await asyncio.gather(*(self.batches.submit(c) for c in chunks))
         except asyncio.CancelledError:
-            request.cancel.set()  # the engine stops a call once all of its requests are gone
+            cancel.set()  # the engine stops a call once all of its requests are gone
             logger.info("request %s cancelled", request.request_id)
             raise
         images = [image for chunk_images, _ in outcomes for image in chunk_images]
@@ -306,7 +326,7 @@ class ImageModel:
         except GenerationCancelled as exc:
             logger.info("pipeline call stopped early: %s", exc)
             return [exc] * len(requests)
-        except Exception as exc:  # noqa: BLE001 - reported to this call's requests only
+        except Exception as exc:  # reported to this call's requests only
             logger.exception(
                 "pipeline call failed for requests %s", [request.request_id for request in requests]
             )

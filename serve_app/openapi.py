@@ -1,11 +1,14 @@
 """`GET /openapi.json`: an OpenAPI 3.1 document generated from the pydantic models.
 
 Nothing here is written by hand that pydantic already knows: request and response bodies are
-`models_json_schema` output; only the routes, content types and status codes are listed here.
+`models_json_schema` output. Nor the routes: `paths` lists the documented routes of
+`serve_app.routes.ROUTES` (path, methods, operation ids, who needs a key); only each operation's
+parameters, content types and status codes are written here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
@@ -25,6 +28,7 @@ from serve_app.protocol import (
     ModelList,
     PartialImageEvent,
 )
+from serve_app.routes import JOBS_ROUTE, documented, features
 
 ERROR_STATUSES = {
     "400": "Invalid request",
@@ -93,25 +97,22 @@ def _images_response(streams: bool) -> dict[str, Any]:
     return {"200": {"description": "Generated images", "content": content}, **_errors()}
 
 
-def _signed_file(operation_id: str, what: str) -> dict[str, Any]:
+def _signed_file(what: str) -> dict[str, Any]:
     """An image behind a link this server signed."""
     binary = {"type": "string", "format": "binary"}
     return {
-        "get": {
-            "operationId": operation_id,
-            "parameters": [
-                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-                {"name": "expires", "in": "query", "schema": {"type": "string"}},
-                {"name": "signature", "in": "query", "schema": {"type": "string"}},
-            ],
-            "responses": {
-                "200": {
-                    "description": f"{what} behind a signed link",
-                    "content": {f"image/{f}": {"schema": binary} for f in ("png", "jpeg", "webp")},
-                },
-                **_errors("403", "404", "500", "504"),
+        "parameters": [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "expires", "in": "query", "schema": {"type": "string"}},
+            {"name": "signature", "in": "query", "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {
+                "description": f"{what} behind a signed link",
+                "content": {f"image/{f}": {"schema": binary} for f in ("png", "jpeg", "webp")},
             },
-        }
+            **_errors("403", "404", "500", "504"),
+        },
     }
 
 
@@ -119,10 +120,11 @@ PREFER = {
     "name": "Prefer",
     "in": "header",
     "description": "Extension: `respond-async` queues the request as a job: `202 Accepted`, "
-    "`Location: /v1/images/jobs/{id}` and the job object.",
+    f"`Location: {JOBS_ROUTE}/{{id}}` and the job object.",
     "schema": {"type": "string", "examples": ["respond-async"]},  # others are ignored
 }
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+BINARY = {"type": "string", "format": "binary"}
 
 
 def _with_jobs(responses: dict[str, Any]) -> dict[str, Any]:
@@ -136,64 +138,166 @@ def _with_jobs(responses: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _job_paths(security: list) -> dict[str, Any]:
-    job = {"application/json": {"schema": _ref("ImageJobObject")}}
+def _jobs_or_not(args: AppArgs, responses: dict[str, Any]) -> dict[str, Any]:
+    return _with_jobs(responses) if args.jobs.enabled else responses
+
+
+# Each operation's body, by its `operationId` in `serve_app.routes.ROUTES`: everything but the
+# `operationId`, the `description` and the `security` the table gives it.
+
+
+def _create_image(args: AppArgs) -> dict[str, Any]:
     return {
-        "/v1/images/jobs": {
-            "get": {
-                "operationId": "listImageJobs",
-                "description": "Extension: this key's jobs, newest first (without results).",
-                "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
-                    },
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
-                ],  # fmt: skip
-                "responses": {
-                    "200": {
-                        "description": "Jobs",
-                        "content": {"application/json": {"schema": _ref("ImageJobList")}},
-                    },
-                    **_errors("400", "401", "500", "503", "504"),
-                },
-                "security": security,
-            }
+        "parameters": [PREFER] if args.jobs.enabled else [],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref("ImageGenerationRequest")}},
         },
-        "/v1/images/jobs/{job_id}": {
-            "get": {
-                "operationId": "retrieveImageJob",
-                "description": "Extension: a job; when completed, `result` is the images "
-                "response the synchronous call would have given.",
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": {"description": "The job", "content": job},
-                    **_errors("401", "404", "500", "503", "504"),
-                },
-                "security": security,
-            },
-            "delete": {
-                "operationId": "deleteImageJob",
-                "description": "Extension: cancel a queued or running job (the job, "
-                "cancelled); delete a finished one and its images.",
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": {
-                        "description": "The cancelled job, or the deletion",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    },
-                    **_errors("401", "404", "500", "503", "504"),
-                },
-                "security": security,
-            },
-        },
-        "/v1/images/jobs/files/{name}": _signed_file("getImageJobFile", "A job's image"),
+        "responses": _jobs_or_not(args, _images_response(streams=True)),
     }
 
 
-def _jobs_or_not(args: AppArgs, responses: dict[str, Any]) -> dict[str, Any]:
-    return _with_jobs(responses) if args.jobs.enabled else responses
+def _create_image_edit(args: AppArgs) -> dict[str, Any]:
+    files = {"image": BINARY, "image[]": {"type": "array", "items": BINARY}, "mask": BINARY}
+    return {
+        "parameters": [PREFER] if args.jobs.enabled else [],
+        "requestBody": {
+            "required": True,
+            "content": {
+                **_multipart(ImageEditRequest, files, ["prompt"]),
+                "application/json": {"schema": _ref("ImageEditRequest")},
+            },
+        },
+        "responses": _jobs_or_not(args, _images_response(streams=True)),
+    }
+
+
+def _create_image_variation(args: AppArgs) -> dict[str, Any]:
+    return {
+        "parameters": [PREFER] if args.jobs.enabled else [],
+        "requestBody": {
+            "required": True,
+            "content": _multipart(ImageVariationRequest, {"image": BINARY}, ["image"]),
+        },
+        "responses": _jobs_or_not(args, _images_response(streams=False)),
+    }
+
+
+def _list_models(args: AppArgs) -> dict[str, Any]:
+    return {
+        "responses": {
+            "200": {
+                "description": "Served models",
+                "content": {"application/json": {"schema": _ref("ModelList")}},
+            },
+            **_errors("401", "500", "504"),
+        },
+    }
+
+
+def _retrieve_model(args: AppArgs) -> dict[str, Any]:
+    return {
+        "parameters": [
+            {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "responses": {
+            "200": {
+                "description": "One model",
+                "content": {"application/json": {"schema": _ref("ModelCard")}},
+            },
+            **_errors("401", "404", "500", "504"),
+        },
+    }
+
+
+def _health(args: AppArgs) -> dict[str, Any]:
+    return {
+        "responses": {
+            "200": {
+                "description": "Every model deployment is healthy",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            **_errors("500", "503", "504"),
+        },
+    }
+
+
+def _list_image_jobs(args: AppArgs) -> dict[str, Any]:
+    return {
+        "parameters": [
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+            {"name": "after", "in": "query", "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {
+                "description": "Jobs",
+                "content": {"application/json": {"schema": _ref("ImageJobList")}},
+            },
+            **_errors("400", "401", "500", "503", "504"),
+        },
+    }
+
+
+def _retrieve_image_job(args: AppArgs) -> dict[str, Any]:
+    job = {"application/json": {"schema": _ref("ImageJobObject")}}
+    return {
+        "parameters": [JOB_ID],
+        "responses": {
+            "200": {"description": "The job", "content": job},
+            **_errors("401", "404", "500", "503", "504"),
+        },
+    }
+
+
+def _delete_image_job(args: AppArgs) -> dict[str, Any]:
+    return {
+        "parameters": [JOB_ID],
+        "responses": {
+            "200": {
+                "description": "The cancelled job, or the deletion",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            **_errors("401", "404", "500", "503", "504"),
+        },
+    }
+
+
+OPERATIONS: dict[str, Callable[[AppArgs], dict[str, Any]]] = {
+    "createImage": _create_image,
+    "createImageEdit": _create_image_edit,
+    "createImageVariation": _create_image_variation,
+    "getImageFile": lambda args: _signed_file("The image"),
+    "listModels": _list_models,
+    "retrieveModel": _retrieve_model,
+    "health": _health,
+    "listImageJobs": _list_image_jobs,
+    "retrieveImageJob": _retrieve_image_job,
+    "deleteImageJob": _delete_image_job,
+    "getImageJobFile": lambda args: _signed_file("A job's image"),
+}
+
+
+def _paths(args: AppArgs) -> dict[str, Any]:
+    """The table's documented routes: each method's `operationId`, its `description` (if any),
+    its builder's body, and the bearer `security` of keyed routes (when keys are on)."""
+    security: list[dict[str, list[str]]] = [{"bearer": []}] if args.auth.enabled else []
+    paths: dict[str, Any] = {}
+    for route in documented(features(args)):
+        item: dict[str, Any] = {}
+        for operation in route.operations:
+            body: dict[str, Any] = {"operationId": operation.operation_id}
+            if operation.description is not None:
+                body["description"] = operation.description
+            body.update(OPERATIONS[operation.operation_id](args))
+            if route.access == "keyed":
+                body["security"] = security
+            item[operation.method.lower()] = body
+        paths[route.openapi_path] = item
+    return paths
 
 
 def openapi_document(args: AppArgs) -> dict[str, Any]:
@@ -212,102 +316,7 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
         ],
         ref_template=REF,
     )
-    binary = {"type": "string", "format": "binary"}
-    security = [{"bearer": []}] if args.auth.enabled else []
     model_ids = [model.id for model in args.models]
-    paths = {
-        "/v1/images/generations": {
-            "post": {
-                "operationId": "createImage",
-                "parameters": [PREFER] if args.jobs.enabled else [],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("ImageGenerationRequest")}},
-                },
-                "responses": _jobs_or_not(args, _images_response(streams=True)),
-                "security": security,
-            }
-        },
-        "/v1/images/edits": {
-            "post": {
-                "operationId": "createImageEdit",
-                "parameters": [PREFER] if args.jobs.enabled else [],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        **_multipart(
-                            ImageEditRequest,
-                            {
-                                "image": binary,
-                                "image[]": {"type": "array", "items": binary},
-                                "mask": binary,
-                            },
-                            ["prompt"],
-                        ),
-                        "application/json": {"schema": _ref("ImageEditRequest")},
-                    },
-                },
-                "responses": _jobs_or_not(args, _images_response(streams=True)),
-                "security": security,
-            }
-        },
-        "/v1/images/variations": {
-            "post": {
-                "operationId": "createImageVariation",
-                "parameters": [PREFER] if args.jobs.enabled else [],
-                "requestBody": {
-                    "required": True,
-                    "content": _multipart(ImageVariationRequest, {"image": binary}, ["image"]),
-                },
-                "responses": _jobs_or_not(args, _images_response(streams=False)),
-                "security": security,
-            }
-        },
-        "/v1/images/files/{name}": _signed_file("getImageFile", "The image"),
-        "/v1/models": {
-            "get": {
-                "operationId": "listModels",
-                "responses": {
-                    "200": {
-                        "description": "Served models",
-                        "content": {"application/json": {"schema": _ref("ModelList")}},
-                    },
-                    **_errors("401", "500", "504"),
-                },
-                "security": security,
-            }
-        },
-        "/v1/models/{model}": {
-            "get": {
-                "operationId": "retrieveModel",
-                "parameters": [
-                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
-                "responses": {
-                    "200": {
-                        "description": "One model",
-                        "content": {"application/json": {"schema": _ref("ModelCard")}},
-                    },
-                    **_errors("401", "404", "500", "504"),
-                },
-                "security": security,
-            }
-        },
-        "/health": {
-            "get": {
-                "operationId": "health",
-                "responses": {
-                    "200": {
-                        "description": "Every model deployment is healthy",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    },
-                    **_errors("500", "503", "504"),
-                },
-            }
-        },
-    }
-    if args.jobs.enabled:
-        paths.update(_job_paths(security))
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -315,7 +324,7 @@ def openapi_document(args: AppArgs) -> dict[str, Any]:
             "version": "0.1.0",
             "description": f"OpenAI-compatible Images API. Models: {', '.join(model_ids)}.",
         },
-        "paths": paths,
+        "paths": _paths(args),
         "components": {"schemas": definitions["$defs"]},
     }
     if args.auth.enabled:

@@ -48,4 +48,4 @@ def decode_preview(
         return pipe.image_processor.postprocess(decoded, output_type="pil")
     rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), projection[:-1]) + projection[-1]
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    return [Image.fromarray(p).resize((width, height), Image.BILINEAR) for p in pixels]
+    return [Image.fromarray(p).resize((width, height), Image.Resampling.BILINEAR) for p in pixels]

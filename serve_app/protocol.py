@@ -93,7 +93,9 @@ class LoraRequest(RequestModel):
     """Extension: one LoRA adapter to apply, by its name in `GET /v1/models` (after `:`)."""
 
     name: str = Field(description="Adapter name.")
-    scale: float = Field(1.0, description="Adapter weight (the model's `lora` range; 0 = off).")
+    scale: float = Field(
+        default=1.0, description="Adapter weight (the model's `lora` range; 0 = off)."
+    )
 
     @field_validator("scale", mode="before")
     @classmethod
@@ -104,42 +106,51 @@ class LoraRequest(RequestModel):
 class ImageOptions(RequestModel):
     """Fields shared by all three endpoints. `seed` and `num_inference_steps` are extensions."""
 
-    model: str | None = Field(None, description="Model id; default: the first configured model.")
-    n: int = Field(1, ge=1, description="Number of images (1 to the configured `max_n`).")
-    size: str | None = Field(None, description="`auto` or `WxH`, sides multiples of 16.")
-    quality: str | None = Field(None, description="`auto|low|medium|high` (`standard`, `hd`).")
-    background: str | None = Field(None, description="`auto|opaque` (`transparent` unsupported).")
-    output_format: str | None = Field(None, description="`png|jpeg|webp`; default png.")
-    output_compression: int | None = Field(
-        None, ge=0, le=100, description="0-100 for jpeg/webp; default 100 (best quality)."
+    model: str | None = Field(
+        default=None, description="Model id; default: the first configured model."
     )
-    response_format: str | None = Field(None, description="`b64_json` (default) or `url`.")
-    guidance: float | None = Field(None, ge=0, le=100, description="Guidance scale.")
+    n: int = Field(default=1, ge=1, description="Number of images (1 to the configured `max_n`).")
+    size: str | None = Field(default=None, description="`auto` or `WxH`, sides multiples of 16.")
+    quality: str | None = Field(
+        default=None, description="`auto|low|medium|high` (`standard`, `hd`)."
+    )
+    background: str | None = Field(
+        default=None, description="`auto|opaque` (`transparent` unsupported)."
+    )
+    output_format: str | None = Field(default=None, description="`png|jpeg|webp`; default png.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="0-100 for jpeg/webp; default 100 (best quality)."
+    )
+    response_format: str | None = Field(default=None, description="`b64_json` (default) or `url`.")
+    guidance: float | None = Field(default=None, ge=0, le=100, description="Guidance scale.")
     user: str | None = Field(
-        None,
+        default=None,
         max_length=MAX_USER_CHARS,
         description=f"End-user id (at most {MAX_USER_CHARS} characters); written to logs only.",
     )
     stream: bool | None = Field(
-        None, description="Server-sent events: partial images, then the final ones."
+        default=None, description="Server-sent events: partial images, then the final ones."
     )
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="Previews per image while streaming (0-3); default 0."
+        default=None, ge=0, le=3, description="Previews per image while streaming (0-3); default 0."
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Extension: image i uses `seed + i`; random if absent."
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Extension: image i uses `seed + i`; random if absent.",
     )
     num_inference_steps: int | None = Field(
-        None, ge=1, le=100, description="Extension: denoising steps, overriding `quality`."
+        default=None, ge=1, le=100, description="Extension: denoising steps, overriding `quality`."
     )
     webhook_url: str | None = Field(
-        None,
+        default=None,
         max_length=2048,
         description="Extension, with `Prefer: respond-async`: POST the finished job object here "
         "(signed the Standard Webhooks way).",
     )
     lora: list[LoraRequest] | None = Field(
-        None,
+        default=None,
         description='Extension: LoRA adapters with weights, e.g. `[{"name": "style", '
         '"scale": 0.8}]`; multipart sends it as JSON text (or the SDK\'s `lora[][name]` / '
         '`lora[][scale]` fields). `model="<model>:<adapter>"` is one adapter at scale 1.',
@@ -200,16 +211,16 @@ class ImageGenerationRequest(ImageOptions):
 class ImageURL(RequestModel):
     """An input image in JSON edits: a `data:` URL (remote URLs and file ids are refused)."""
 
-    image_url: str | None = Field(None, description="`data:image/png;base64,...`")
-    file_id: str | None = Field(None, description="Not supported: send the image itself.")
+    image_url: str | None = Field(default=None, description="`data:image/png;base64,...`")
+    file_id: str | None = Field(default=None, description="Not supported: send the image itself.")
 
 
 class ImageEditRequest(ImageOptions):
     """`POST /v1/images/edits`; `images`/`mask` are the JSON form (multipart sends files)."""
 
     prompt: str = Field(description="How to edit the image(s).")
-    images: list[ImageURL] | None = Field(None, description="JSON form: input images.")
-    mask: ImageURL | None = Field(None, description="JSON form: mask, alpha 0 = editable.")
+    images: list[ImageURL] | None = Field(default=None, description="JSON form: input images.")
+    mask: ImageURL | None = Field(default=None, description="JSON form: mask, alpha 0 = editable.")
 
 
 class ImageVariationRequest(ImageOptions):
@@ -227,7 +238,8 @@ class ImageData(BaseModel):
     revised_prompt: str | None = None
     seed: int = Field(description="Extension: the seed that reproduces this image.")
     lora: list[AdapterUsed] | None = Field(
-        None, description="Extension: the LoRA adapters that produced this image (none: null)."
+        default=None,
+        description="Extension: the LoRA adapters that produced this image (none: null).",
     )
 
 
@@ -271,15 +283,19 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "serve_app"
-    limits: ModelLimits | None = Field(None, description="Extension: this model's limits.")
+    limits: ModelLimits | None = Field(default=None, description="Extension: this model's limits.")
     parent: str | None = Field(
-        None, description="Extension: for `<model>:<adapter>` entries, the base model."
+        default=None, description="Extension: for `<model>:<adapter>` entries, the base model."
     )
 
 
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+PartialImageType = Literal["image_generation.partial_image", "image_edit.partial_image"]
+CompletedImageType = Literal["image_generation.completed", "image_edit.completed"]
 
 
 class ImageStreamEvent(BaseModel):
@@ -295,21 +311,21 @@ class ImageStreamEvent(BaseModel):
     image_index: int = Field(description="Extension: which of the request's images (0-based).")
     seed: int = Field(description="Extension: the seed of that image.")
     lora: list[AdapterUsed] | None = Field(
-        None, description="Extension: the LoRA adapters that produced this image."
+        default=None, description="Extension: the LoRA adapters that produced this image."
     )
 
 
 class PartialImageEvent(ImageStreamEvent):
     """`event: image_generation.partial_image` (or `image_edit.partial_image`): a preview."""
 
-    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    type: PartialImageType
     partial_image_index: int
 
 
 class CompletedImageEvent(ImageStreamEvent):
     """`event: image_generation.completed` (or `image_edit.completed`): one final image."""
 
-    type: Literal["image_generation.completed", "image_edit.completed"]
+    type: CompletedImageType
     usage: Usage
 
 
@@ -327,16 +343,16 @@ class ImageJobObject(BaseModel):
     model: str
     endpoint: str = Field(description="`generations`, `edits` or `variations`.")
     queue_position: int | None = Field(
-        None, description="While queued: how many jobs are ahead (0 = next)."
+        default=None, description="While queued: how many jobs are ahead (0 = next)."
     )
-    progress: float = Field(0.0, description="0-1, from the denoising steps done.")
+    progress: float = Field(default=0.0, description="0-1, from the denoising steps done.")
     started_at: int | None = None
     completed_at: int | None = None
-    attempts: int = Field(0, description="Times a consumer started it (retries count).")
+    attempts: int = Field(default=0, description="Times a consumer started it (retries count).")
     result: ImagesResponse | None = Field(
-        None, description="When completed: exactly what the synchronous call answers."
+        default=None, description="When completed: exactly what the synchronous call answers."
     )
-    error: ErrorInfo | None = Field(None, description="When failed: OpenAI's error object.")
+    error: ErrorInfo | None = Field(default=None, description="When failed: OpenAI's error object.")
 
 
 class ImageJobList(BaseModel):

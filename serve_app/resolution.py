@@ -7,6 +7,7 @@ the `ModelRequest` a model replica runs. No HTTP, no torch.
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,10 +15,13 @@ from typing import TYPE_CHECKING
 from serve_app.adapters import check_name, not_found
 from serve_app.config import ModelConfig, UploadLimits
 from serve_app.contract import AdapterRef, APIError, ModelRequest
+from serve_app.dataclass_json import from_jsonable, to_jsonable
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
 from serve_app.protocol import (
     MAX_SEED,
     SHOWN_CHARS,
+    ImageEditRequest,
+    ImageGenerationRequest,
     ImageOptions,
     ImageVariationRequest,
     InputTokensDetails,
@@ -65,6 +69,13 @@ class ResolvedGeneration:
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
+
+    def to_json(self) -> str:
+        return json.dumps(to_jsonable(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ResolvedGeneration:
+        return from_jsonable(cls, json.loads(text))
 
     def to_model_request(
         self, request_id: str, conditioning: Conditioning | None = None
@@ -152,11 +163,6 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str, param: st
             f"Invalid {param} {shown(value)}: expected one of {', '.join(allowed)}.", param=param
         )
     return value
-
-
-def select_model(requested: str | None, models: dict[str, ModelConfig]) -> ModelConfig:
-    """The named model, or the first configured one; unknown names are a 404."""
-    return select_model_and_adapter(requested, models)[0]
 
 
 def select_model_and_adapter(
@@ -250,6 +256,8 @@ def auto_size(
 def _check_prompt(request: ImageOptions, model: ModelConfig, limits: UploadLimits | None) -> str:
     if isinstance(request, ImageVariationRequest):
         return model.variation_prompt
+    if not isinstance(request, ImageGenerationRequest | ImageEditRequest):
+        raise TypeError(f"no prompt on a {type(request).__name__}")
     prompt = request.prompt
     if not prompt.strip():
         raise APIError("'prompt' must not be empty.", param="prompt")

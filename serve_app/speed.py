@@ -18,7 +18,7 @@ def apply_speed_options(transformer, speed: SpeedConfig) -> None:
     if speed.attention_backend:
         try:
             transformer.set_attention_backend(speed.attention_backend)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the reason
+        except Exception as exc:
             raise SpeedOptionError(
                 f"attention backend {speed.attention_backend!r} is not usable here: {exc}"
             ) from exc

@@ -18,20 +18,22 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from serve_app.cache import images_dir, job_images_dir, stored_secret, url_secret_file
 from serve_app.codec import MEDIA_TYPES
-from serve_app.config import StorageConfig, cache_root, stored_secret
+from serve_app.config import StorageConfig
 from serve_app.contract import APIError
+from serve_app.routes import FILES_ROUTE, JOB_FILES_ROUTE
 
 logger = logging.getLogger("ray.serve")
 
-FILES_ROUTE = "/v1/images/files"
-JOB_FILES_ROUTE = "/v1/images/jobs/files"
 _NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")
 _EXPIRES = re.compile(r"[0-9]{1,12}")  # a Unix time; ASCII only (str.isdigit takes any script)
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")  # HMAC-SHA256, hex
 
 
 class ImageStore(Protocol):
+    ttl_s: int  # how long a stored image is kept
+
     def save(self, data: bytes, output_format: str, base_url: str) -> str:
         """Store one encoded image; return the URL a client downloads it from."""
 
@@ -208,7 +210,7 @@ def url_secret(config: StorageConfig) -> bytes:
     secret = os.environ.get(config.secret_env)
     if secret:
         return secret.encode()
-    path = cache_root() / "url-secret"
+    path = url_secret_file()
     secret = stored_secret(path, 64)
     logger.warning(
         "%s is not set: image links are signed with the secret in %s, which only this machine "
@@ -224,13 +226,13 @@ def make_store(
 ) -> ImageStore:
     if config.backend == "s3":
         return S3ImageStore(config)
-    directory = config.local_dir or cache_root() / "images"
+    directory = images_dir(config.local_dir)
     return LocalImageStore(directory, secret or url_secret(config), config.url_ttl_s, route)
 
 
 def make_job_store(config: StorageConfig, ttl_s: int, secret: bytes | None = None) -> ImageStore:
     """Job results: the same backend, in `jobs/` beside url images, kept `ttl_s`."""
-    directory = Path(config.local_dir or cache_root() / "images") / "jobs"
+    directory = job_images_dir(config.local_dir)
     jobs = config.model_copy(  # beside, not inside, the url images: their cleanup is sooner
         update={"local_dir": str(directory), "s3_prefix": config.s3_prefix.rstrip("/") + "-jobs/",
                 "url_ttl_s": min(ttl_s, 7 * 24 * 3600)}
@@ -248,5 +250,5 @@ async def cleanup_forever(store: ImageStore, interval_s: float) -> None:
             removed = await asyncio.to_thread(store.cleanup)
             if removed:
                 logger.info("deleted %d expired images", removed)
-        except Exception:  # noqa: BLE001 - keep cleaning next time
+        except Exception:
             logger.exception("image cleanup failed")

@@ -19,7 +19,8 @@ import json
 import math
 import string
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from serve_app.geometry import PATCH, parse_wxh
 
@@ -175,7 +176,8 @@ def randomize(module, depth: int, generator) -> None:
 def build_tokenizers():
     """CLIP (49,408 ids, BOS/EOS last) and T5 (32,000 pieces + 100 extra ids) tokenizers built in
     memory: byte/character pieces so any text encodes, filled to the real vocabulary sizes."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    # transformers 5 resolves T5TokenizerFast lazily (an alias of T5Tokenizer): mypy cannot see it.
+    from transformers import CLIPTokenizer, T5TokenizerFast  # type: ignore[attr-defined]
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     clip_vocab: dict[str, int] = {}
@@ -262,7 +264,8 @@ def flops_per_step(
         }
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            transformer(**inputs, return_dict=False)
+            # diffusers' mixins hide nn.Module.__call__ from mypy; this is the module's call.
+            cast(Callable[..., Any], transformer)(**inputs, return_dict=False)
     return counter.get_total_flops()
 
 

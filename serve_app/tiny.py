@@ -36,9 +36,9 @@ _COMMON_WORDS = (
 
 def default_cache_dir() -> Path:
     """Where the tiny model is saved: ``$SERVE_APP_CACHE`` or ``~/.cache/serve_app``."""
-    from serve_app.config import cache_root
+    from serve_app.cache import tiny_model_dir
 
-    return cache_root() / f"tiny-flux-kontext-v{TINY_VERSION}"
+    return tiny_model_dir(TINY_VERSION)
 
 
 def _t5_vocab() -> list[tuple[str, float]]:
@@ -71,7 +71,9 @@ def build_tiny_pipeline():
         FluxKontextPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import (
+
+    # transformers 5 resolves T5TokenizerFast lazily (an alias of T5Tokenizer): mypy cannot see it.
+    from transformers import (  # type: ignore[attr-defined]
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTokenizer,
@@ -160,7 +162,7 @@ def build_tiny_pipeline():
     )
 
 
-def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     """Return a directory holding the saved tiny model, building it on first use.
 
     Several replicas may start at once: each builds into its own temporary directory and the first

@@ -77,10 +77,10 @@ def probe_upload(data: bytes, *, max_bytes: int, max_pixels: int, max_side: int)
         raise UploadError(f"the image has more than {max_pixels} pixels") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
         raise UploadError(f"the image could not be read ({type(exc).__name__}: {exc})") from None
-    if getattr(image, "n_frames", 1) > 1:
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
         raise UploadError(
-            f"animated images are not supported (this one has {image.n_frames} frames); "
-            "send a single frame"
+            f"animated images are not supported (this one has {frames} frames); send a single frame"
         )
     width, height = image.size
     if image.format == "JPEG":
@@ -126,10 +126,10 @@ def decode_probed(probed: ProbedUpload, *, max_side: int, as_mask: bool = False)
                 "area to edit"
             )
         image = to_8_bit(image).convert("RGBA")
-        resample = Image.NEAREST  # keep alpha 0 exactly where it was
+        resample = Image.Resampling.NEAREST  # keep alpha 0 exactly where it was
     else:
         image = flatten_alpha(to_8_bit(image))
-        resample = Image.LANCZOS
+        resample = Image.Resampling.LANCZOS
     target = fit_within(probed.size, max_side)
     return image if image.size == target else image.resize(target, resample)
 

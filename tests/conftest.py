@@ -2,12 +2,25 @@
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from serve_app.contract import ModelRequest
+
+TESTS = Path(__file__).resolve().parent
+# Every test under these directories starts Ray (tests/unit starts none: see its conftest).
+RAY_DIRS = (TESTS / "integration", TESTS / "cluster")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark `integration` every test that starts Ray, by its directory, so a new file there
+    needs no `pytestmark` of its own: `-m "not integration"` is then exactly tests/unit."""
+    for item in items:
+        if any(item.path.is_relative_to(directory) for directory in RAY_DIRS):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -27,17 +27,14 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from serve_app.bench.machine import bench_job, describe, device_label
+from serve_app.bench.gpu_table import peak_tflops, table
+from serve_app.bench.machine import Budget, bench_job, describe
 
-# Dense bf16 peak of known GPUs (vendor figures, no sparsity), for model FLOP utilisation.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,
-    "A100": 312.0,
-}
+if TYPE_CHECKING:
+    from serve_app.engine import FluxEngine
+
 # diffusers' attention backends that need no package beyond torch are tried; the others are
 # tried too and reported with the reason when they do not load (no flash-attn, sageattention...).
 ATTENTION_BACKENDS = (
@@ -81,16 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/gpu.json", help="JSON results; .md beside it")
 
 
-class Budget:
-    """The time left; a step that would not fit is skipped, not started."""
-
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
 class Bench:
     def __init__(self, args) -> None:
         from serve_app.geometry import parse_wxh
@@ -100,15 +87,15 @@ class Bench:
         self.small_size = parse_wxh(args.small_size)
         self.budget = Budget(args.budget_s)
         self.machine = describe()
-        self.peak_tflops = args.peak_tflops or _peak_tflops(self.machine.get("gpu"))
+        self.peak_tflops = args.peak_tflops or peak_tflops(self.machine.get("gpu"))
         self.rows: list[dict] = []
-        self.engine = None
+        self.engine: FluxEngine | None = None
         self.flops: dict[tuple[int, int, int], int] = {}
         self.t2i_s: float | None = None  # plain text-to-image seconds, to estimate the rest
 
     # -- engine ---------------------------------------------------------------------------
     def load(self, **speed) -> None:
-        from serve_app.config import ModelConfig
+        from serve_app.config import ModelConfig, SpeedConfig
         from serve_app.engine import FluxEngine
 
         self.unload()
@@ -116,7 +103,7 @@ class Bench:
         self.config = ModelConfig(
             id="bench",
             source=self.args.source,
-            speed=speed,
+            speed=SpeedConfig.model_validate(speed),
             warmup=False,
             min_side=16,
             max_side=4096,
@@ -128,6 +115,12 @@ class Bench:
         engine.load()
         self.load_s = round(time.perf_counter() - started, 2)
         self.engine = engine
+
+    @property
+    def loaded(self) -> FluxEngine:
+        if self.engine is None:
+            raise RuntimeError("no engine: load() first")
+        return self.engine
 
     def unload(self) -> None:
         import torch
@@ -158,7 +151,7 @@ class Bench:
 
         import torch
 
-        self.engine.generate([dataclasses.replace(job, steps=2)])
+        self.loaded.generate([dataclasses.replace(job, steps=2)])
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
@@ -166,7 +159,7 @@ class Bench:
         times = []
         for _ in range(self.args.repeat):
             started = time.perf_counter()
-            self.engine.generate([job])
+            self.loaded.generate([job])
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
@@ -189,7 +182,7 @@ class Bench:
         if key not in self.flops:
             config = {
                 k: v
-                for k, v in self.engine.pipe.transformer.config.items()
+                for k, v in self.loaded.pipe.transformer.config.items()
                 if not k.startswith("_")
             }
             self.flops[key] = flops_per_step(
@@ -266,7 +259,7 @@ class Bench:
                 self.step(
                     "fp8-compile-cache",
                     self.estimate(1.5, 60),
-                    self.switch(lambda: _enable_cache(self.engine.pipe.transformer)),
+                    self.switch(lambda: _enable_cache(self.loaded.pipe.transformer)),
                 )
         self.unload()
         print(self.table())
@@ -276,7 +269,7 @@ class Bench:
     def switches_on_plain_weights(self, compile_s: float) -> None:
         """Cache and attention backends (undone after each), then compile (in place, last).
         A method, so nothing keeps these weights once the engine lets them go."""
-        transformer = self.engine.pipe.transformer
+        transformer = self.loaded.pipe.transformer
         self.step("cache", self.estimate(2), self.switch(lambda: _enable_cache(transformer)))
         if transformer.is_cache_enabled:
             transformer.disable_cache()
@@ -300,7 +293,7 @@ class Bench:
             (self.size, self.args.batches),
             (self.small_size, self.args.small_batches),
         ):
-            rows = []
+            rows: list[dict] = []
             for n in self.batch_sizes(counts):
                 if rows and self.budget.left() < self.estimate(
                     n * size[0] * size[1] / (self.size[0] * self.size[1])
@@ -325,7 +318,7 @@ class Bench:
         from serve_app.contract import AdapterRef
         from serve_app.lora_synthetic import write_adapter
 
-        engine = self.engine
+        engine = self.loaded
         row: dict = {"rank": LORA_RANK}
         with tempfile.TemporaryDirectory() as folder:
             loads = []
@@ -352,7 +345,7 @@ class Bench:
         return row
 
     def compile(self) -> None:
-        self.engine.pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        self.loaded.pipe.transformer.compile_repeated_blocks(fullgraph=True)
 
     def fp8(self) -> dict:
         from serve_app.engine import ModelLoadError
@@ -367,7 +360,7 @@ class Bench:
     # -- output ---------------------------------------------------------------------------
     def result(self) -> dict:
         return {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": self.machine,
             "settings": {
                 "source": self.args.source,
@@ -397,79 +390,6 @@ def _enable_cache(transformer) -> None:
     from diffusers import FirstBlockCacheConfig
 
     transformer.enable_cache(FirstBlockCacheConfig(threshold=CACHE_THRESHOLD))
-
-
-def _peak_tflops(gpu: str | None) -> float | None:
-    for name, tflops in PEAK_BF16_TFLOPS.items():
-        if gpu and name in gpu:
-            return tflops
-    return None
-
-
-def _cell(measured: dict | None, key: str = "s_per_image", digits: int = 3) -> str:
-    if not measured or measured.get(key) is None:
-        return "—"
-    return f"{measured[key]:.{digits}f}"
-
-
-def table(rows: list[dict], machine: dict, args, peak_tflops: float | None) -> str:
-    """Markdown: the switches (seconds per image, speed-up over plain, peak memory, MFU), then
-    the batch series (seconds per image, speed-up over batch 1, peak memory)."""
-    plain = next(
-        (r for r in rows if r["step"] == "plain" and "error" not in r and "skipped" not in r), None
-    )
-    today = datetime.date.today().isoformat()
-    lines = [
-        f"{device_label(machine)} | torch {machine['torch']} | {today} | source {args.source} | "
-        f"{args.size}, {args.steps} steps | median of {args.repeat}"
-        + (f" | MFU vs {peak_tflops:.0f} TFLOP/s bf16" if peak_tflops else ""),
-        "",
-        "| step | text-to-image s/image | edit s/image | speed-up (t2i) | peak GiB "
-        "| MFU t2i / edit | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    batch_rows = []
-    for row in rows:
-        if row["step"] == "batches" and "series" in row:
-            batch_rows.append(row)
-            continue
-        note = row.get("error") or row.get("skipped") or ""
-        t2i, edit = row.get("text_to_image"), row.get("edit")
-        speedup = "—"
-        if t2i and plain:
-            speedup = f"{plain['text_to_image']['s_per_image'] / t2i['s_per_image']:.2f}x"
-        peak = max(
-            (m["peak_memory_gib"] for m in (t2i, edit) if m and m.get("peak_memory_gib")),
-            default=None,
-        )
-        mfu = f"{_cell(t2i, 'mfu', 2)} / {_cell(edit, 'mfu', 2)}" if t2i else "—"
-        if "load_s" in row:
-            note = (note + f" load {row['load_s']:.0f} s").strip()
-        if "first_load_s" in row:
-            note = (
-                f"{note} rank-{row['rank']} adapter: first load {row['first_load_s']:.2f} s "
-                f"(read {row['read_s']:.2f}, inject {row['inject_s']:.2f}); switching sets "
-                f"between calls {row['switch_ms']:.1f} ms"
-            ).strip()
-        note = note.replace("|", "/").replace("\n", " ")[:160]
-        lines.append(
-            f"| {row['step']} | {_cell(t2i)} | {_cell(edit)} | {speedup} | "
-            f"{'—' if peak is None else f'{peak:.1f}'} | {mfu} | {note} |"
-        )
-    for row in batch_rows:
-        lines += [
-            "",
-            "| text-to-image batch | n | s/image | speed-up vs n=1 | peak GiB |",
-            "|---|---|---|---|---|",
-        ]
-        for size, series in row["series"].items():
-            for measured in series:
-                lines.append(
-                    f"| {size} | {measured['n']} | {_cell(measured)} | "
-                    f"{measured.get('speedup_vs_1', '—' if measured['n'] != 1 else '1.00')} | "
-                    f"{_cell(measured, 'peak_memory_gib', 1)} |"
-                )
-    return "\n".join(lines)
 
 
 def run(args) -> dict:

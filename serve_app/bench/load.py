@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
 import socket
 import statistics
 import time
@@ -79,7 +80,7 @@ def _connect_to_local_cluster() -> bool:
         if auth_mode:
             os.environ.setdefault("RAY_AUTH_MODE", auth_mode)
         try:
-            ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+            ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
             return True
         except Exception:  # noqa: BLE001 - no reachable cluster: nothing to measure
             continue
@@ -119,7 +120,10 @@ async def run_load(args) -> dict:
         body["model"] = args.model
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     deadline = time.monotonic() + args.duration if args.duration else float("inf")
-    latencies, outcomes, rss, batch_images = [], Counter(), {}, []
+    latencies: list[tuple[float, str]] = []
+    outcomes: Counter[str] = Counter()
+    rss: dict[str, dict[str, int]] = {}
+    batch_images: list[int] = []
     issued = 0
     lock = asyncio.Lock()
 

@@ -1,9 +1,11 @@
-"""What machine a benchmark ran on, recorded with every result."""
+"""What machine a benchmark ran on, recorded with every result; the jobs and the time budget
+benchmarks share."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def cpu_name() -> str:
@@ -51,3 +53,13 @@ def bench_job(
     )
     resolved = resolve_generation(request, {config.id: config}, max_n=max(n, 1))
     return resolved.to_model_request("bench", Conditioning(canvas) if canvas is not None else None)
+
+
+class Budget:
+    """The time left; a step that would not fit is skipped, not started."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()

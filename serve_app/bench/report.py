@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 import os
 import socket
 import statistics
@@ -166,7 +167,7 @@ class LocalApp:
         ray.init(
             num_cpus=os.cpu_count(),
             include_dashboard=False,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             log_to_driver=False,
         )
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})

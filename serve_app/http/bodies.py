@@ -239,7 +239,7 @@ async def read_multipart(
                 max_files=limits.max_input_images + 1, max_fields=64, max_part_size=1024 * 1024
             )
     except (MultiPartException, HTTPException) as exc:
-        message = getattr(exc, "message", None) or getattr(exc, "detail", str(exc))
+        message = str(getattr(exc, "message", None) or getattr(exc, "detail", exc))
         if "Too many files" in message:
             raise APIError(
                 f"Too many files: at most {limits.max_input_images} images (and one mask).",

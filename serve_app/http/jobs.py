@@ -9,45 +9,39 @@ consumer (`serve_app.jobs.consumer`), and answered `202 Accepted` with the job o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import shutil
 import threading
 import time
+from typing import Any
 
+import redis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.config import AppArgs
 from serve_app.contract import APIError, ModelRequest
 from serve_app.http.responses import signed_file
-from serve_app.jobs import payload
-from serve_app.jobs.metrics import JobMetrics
+from serve_app.jobs.backend import JobBackend
 from serve_app.jobs.objects import job_object
-from serve_app.jobs.queue import TASK_NAME, redis_url, task_processor_config, uses_embedded
-from serve_app.jobs.store import FINISHED, JobStore, QueueFull, new_job_id
-from serve_app.jobs.webhooks import WebhookSender, check_webhook_url
+from serve_app.jobs.queue import TASK_NAME, task_processor_config, uses_embedded
+from serve_app.jobs.record import JobRecord, JobStatus
+from serve_app.jobs.store import QueueFull, new_job_id
+from serve_app.jobs.webhooks import check_webhook_url
 from serve_app.protocol import ImageJobList, shown
 from serve_app.resolution import ResolvedGeneration
-from serve_app.storage import make_job_store, url_secret
+from serve_app.routes import JOBS_ROUTE
 
 logger = logging.getLogger("ray.serve")
 
-JOBS_ROUTE = "/v1/images/jobs"
 JOB_ID = re.compile(r"imgjob_[0-9a-f]{24}")  # the shape `store.new_job_id` makes
 
 
-class _NoRedis:
-    """The job store when no Redis is configured: every use says what to set."""
-
-    def __init__(self, env: str) -> None:
-        self.env = env
-
-    def __getattr__(self, name: str):
-        def unavailable(*args, **kwargs):
-            raise ConnectionError(f"no Redis is configured for jobs: set ${self.env}")
-
-        return unavailable
+# What "Redis cannot be reached or refuses us" raises (OSError includes timeouts); anything else
+# is a bug: it propagates, and the request frame logs it and answers an opaque 500.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, ConnectionError, OSError)
 
 
 def wants_async(request: Request) -> bool:
@@ -60,26 +54,16 @@ def wants_async(request: Request) -> bool:
 
 
 class JobRoutes:
-    def __init__(self, args: AppArgs) -> None:
-        self.config = args.jobs
-        self.url = redis_url(self.config)
-        self.store = (
-            JobStore(
-                self.url,
-                self.config.result_ttl_s,
-                self.config.max_queued,
-                self.config.max_queued_per_key,
-            )  # fmt: skip
-            if self.url
-            else _NoRedis(self.config.redis_url_env)
-        )
-        self.images = make_job_store(
-            args.storage, self.config.result_ttl_s, url_secret(args.storage)
-        )
-        self.public_base_url = args.storage.public_base_url
-        self.metrics = JobMetrics()
-        self.webhooks = WebhookSender(self.config.webhooks, self.metrics.webhook_outcome)
-        self._producer = None
+    def __init__(self, args: AppArgs, backend: JobBackend | None = None) -> None:
+        self.backend = backend or JobBackend.from_args(args)
+        self.config = self.backend.config
+        self.url = self.backend.url
+        self.store = self.backend.store
+        self.images = self.backend.images
+        self.metrics = self.backend.metrics
+        self.webhooks = self.backend.webhooks
+        self.public_base_url = self.backend.public_base_url
+        self._producer: Any = None
         self._producer_lock = threading.Lock()  # submissions enqueue on worker threads
 
     # --- submission ----------------------------------------------------------------------------
@@ -88,7 +72,7 @@ class JobRoutes:
         request: Request,
         endpoint: str,
         resolved: ResolvedGeneration,
-        job: ModelRequest,
+        model_request: ModelRequest,
         input_tokens: int,
         webhook_url: str | None,
     ) -> Response:
@@ -100,27 +84,23 @@ class JobRoutes:
             )
         if webhook_url:
             await asyncio.to_thread(check_webhook_url, webhook_url, self.config.webhooks)
-        job_id = new_job_id()
-        now = time.time()
-        fields = {
-            "id": job_id,
-            "status": "queued",
-            "model": resolved.model_id,
-            "endpoint": f"{endpoint}s",
-            "owner": request.state.key_name,
-            "created_at": now,
-            "request_id": request.state.request_id,
-            "resolved": payload.resolved_to_json(resolved),
-            "input_tokens": input_tokens,
-            "base_url": self.public_base_url or str(request.base_url),
-            "ttl_s": self.config.result_ttl_s,
-            "attempts": 0,
-            "progress": 0,
-            **({"webhook_url": webhook_url} if webhook_url else {}),
-        }
-        data = await asyncio.to_thread(payload.job_to_bytes, job)
+        record = JobRecord(
+            id=new_job_id(),
+            status=JobStatus.QUEUED,
+            model=resolved.model_id,
+            endpoint=f"{endpoint}s",
+            owner=request.state.key_name,
+            created_at=time.time(),
+            request_id=request.state.request_id,
+            resolved=resolved,
+            input_tokens=input_tokens,
+            base_url=self._base_url(request),
+            ttl_s=self.config.result_ttl_s,
+            webhook_url=webhook_url or None,
+        )
+        data = await asyncio.to_thread(model_request.to_json)
         try:
-            position = await asyncio.to_thread(self.store.submit, job_id, fields, data)
+            position = await asyncio.to_thread(self.store.submit, record, data)
         except QueueFull as full:
             whose = "of this API key " if full.per_key else ""
             raise APIError(
@@ -130,18 +110,18 @@ class JobRoutes:
                 code="queue_full",
                 headers={"Retry-After": "30"},
             ) from None
-        except Exception as exc:  # noqa: BLE001 - Redis unreachable
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from None
         try:
-            await asyncio.to_thread(self._enqueue, job_id)
-        except Exception as exc:  # noqa: BLE001 - the broker went away in between
-            await asyncio.to_thread(self.store.forget, job_id, fields["owner"])
+            await asyncio.to_thread(self._enqueue, record.id)
+        except Exception as exc:  # noqa: BLE001 - the broker (kombu) went away in between
+            await asyncio.to_thread(self.store.forget, record.id, record.owner)
             raise self._unavailable(exc) from None
         self.metrics.jobs.inc(tags={"status": "submitted"})
-        request.state.summary["job"] = job_id
-        record = {**{k: str(v) for k, v in fields.items()}, "queue_position": str(position)}
-        body = job_object(record, self.images, "").model_dump(mode="json")
-        headers = {"Location": f"{JOBS_ROUTE}/{job_id}", "Preference-Applied": "respond-async"}
+        request.state.summary["job"] = record.id
+        queued = dataclasses.replace(record, queue_position=position)
+        body = job_object(queued, self.images, "").model_dump(mode="json")
+        headers = {"Location": f"{JOBS_ROUTE}/{record.id}", "Preference-Applied": "respond-async"}
         return JSONResponse(body, status_code=202, headers=headers)
 
     def _enqueue(self, job_id: str) -> None:
@@ -149,12 +129,14 @@ class JobRoutes:
             if self._producer is None:
                 from ray.serve.task_consumer import instantiate_adapter_from_config
 
+                assert self.url is not None  # a job was stored: Redis is configured
                 config = task_processor_config(self.config, self.url)
                 self._producer = instantiate_adapter_from_config(config)
         self._producer.enqueue_task_sync(TASK_NAME, args=[job_id])
 
-    def _unavailable(self, exc: Exception) -> APIError:
-        logger.warning("job submission failed: Redis unavailable: %s", exc)
+    def _unavailable(self, exc: BaseException) -> APIError:
+        """A 503 for a Redis or broker that cannot be used now; the log keeps the traceback."""
+        logger.warning("jobs unavailable: %s", self.unavailable_reason(exc), exc_info=exc)
         return APIError(
             f"Asynchronous jobs are unavailable: {self.unavailable_reason(exc)}. Synchronous "
             "requests still work; retry later.",
@@ -163,10 +145,8 @@ class JobRoutes:
             headers={"Retry-After": "10"},
         )
 
-    def unavailable_reason(self, exc: Exception) -> str:
+    def unavailable_reason(self, exc: BaseException) -> str:
         """What stops jobs, as precisely as the error allows (`/health` and 503s say it)."""
-        import redis
-
         if self.url is None:
             return f"no Redis is configured (set ${self.config.redis_url_env} on every node)"
         where = "the embedded Redis" if uses_embedded(self.config) else "their Redis"
@@ -184,12 +164,12 @@ class JobRoutes:
         """None when jobs can be submitted now; else why not."""
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), 3)
-        except Exception as exc:  # noqa: BLE001 - any failure makes jobs unavailable
+        except REDIS_ERRORS as exc:  # (timeouts are OSErrors)
             return self.unavailable_reason(exc)
         return None
 
     # --- routes ----------------------------------------------------------------------------------
-    async def _owned(self, request: Request) -> dict[str, str]:
+    async def _owned(self, request: Request) -> JobRecord:
         job_id = request.path_params["job_id"]
         not_found = APIError(
             f"No job {shown(job_id)}.", status=404, param="job_id", code="job_not_found"
@@ -198,9 +178,9 @@ class JobRoutes:
             raise not_found
         try:
             record = await asyncio.to_thread(self.store.get, job_id)
-        except Exception as exc:  # noqa: BLE001
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from None
-        if record is None or record.get("owner") != request.state.key_name:
+        if record is None or record.owner != request.state.key_name:
             raise not_found
         return record
 
@@ -222,29 +202,27 @@ class JobRoutes:
         """Cancel a queued or running job; delete a finished one with its images. The store's
         cancel script decides and reads the job in one step, so each of concurrent deletes
         answers a state the job really had after it: cancelled, or deleted."""
-        job_id = (await self._owned(request))["id"]
+        job_id = (await self._owned(request)).id
         try:
             before, record = await asyncio.to_thread(self.store.cancel_and_get, job_id)
-        except Exception as exc:  # noqa: BLE001
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from None
-        if record is None or before in FINISHED:  # deleted meanwhile, or final: delete it
+        if record is None or JobStatus(before).finished:  # deleted meanwhile, or final
             if record is not None:
                 await asyncio.to_thread(self._delete_finished, record)
                 self.metrics.jobs.inc(tags={"status": "deleted"})
             return JSONResponse({"id": job_id, "object": "image.job.deleted", "deleted": True})
         self.metrics.jobs.inc(tags={"status": "cancelled"})
         body = job_object(record, self.images, self._base_url(request))
-        if before == "queued" and record.get("webhook_url"):  # no consumer will see it
+        if before == JobStatus.QUEUED and record.webhook_url:  # no consumer will see it
             message = body.model_dump_json().encode()
-            self.webhooks.send(record["webhook_url"], f"{job_id}_cancelled", message)
+            self.webhooks.send(record.webhook_url, f"{job_id}_cancelled", message)
         return Response(body.model_dump_json(), media_type="application/json")
 
-    def _delete_finished(self, record: dict[str, str]) -> None:
-        import json
-
-        for name in json.loads(record.get("images") or "[]"):
+    def _delete_finished(self, record: JobRecord) -> None:
+        for name in record.images:
             self.images.delete(name)
-        self.store.forget(record["id"], record["owner"])
+        self.store.forget(record.id, record.owner)
 
     async def list_jobs(self, request: Request) -> Response:
         query = request.query_params
@@ -254,15 +232,15 @@ class JobRoutes:
         after = query.get("after") or None
         try:
             records, more = await asyncio.to_thread(
-                self.store.list, request.state.key_name, int(limit_text), after
+                self.store.list_owned, request.state.key_name, int(limit_text), after
             )
         except KeyError:
             raise APIError(
-                f"after={after[:80]!r} names no job of yours (it may have expired or been "
-                "deleted); list from the start.",
+                f"after={(after or '')[:80]!r} names no job of yours (it may have expired or "
+                "been deleted); list from the start.",
                 param="after",
             ) from None
-        except Exception as exc:  # noqa: BLE001
+        except REDIS_ERRORS as exc:
             raise self._unavailable(exc) from None
         base_url = self._base_url(request)  # (listings carry no results: GET a job for it)
         jobs = [job_object(r, self.images, base_url, with_result=False) for r in records]
@@ -277,6 +255,3 @@ class JobRoutes:
     async def get_file(self, request: Request) -> Response:
         """A job's `url` image behind its signed link (local storage)."""
         return await signed_file(self.images, request)
-
-    def cleanup(self) -> int:
-        return self.images.cleanup()

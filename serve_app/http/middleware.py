@@ -1,7 +1,8 @@
 """Every route's frame: request id, API key, time limit, error envelope, metrics, one log line.
 
 `RequestFrame.wrap(handler, route)` turns an endpoint `async (Request) -> Response` into the route
-Starlette calls. Handlers raise; only this frame (through `errors.error_response`) answers with an
+Starlette calls; `route` is its entry in `serve_app.routes.ROUTES`, which says whether it needs a
+key. Handlers raise; only this frame (through `errors.error_response`) answers with an
 error. Streams are logged when their headers go; their own events carry later errors.
 """
 
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from serve_app.auth import FailedAuthThrottle, KeyStore
 from serve_app.http.errors import error_response, unwrap_remote_error
 from serve_app.metrics import IngressMetrics
-from serve_app.storage import FILES_ROUTE, JOB_FILES_ROUTE
+from serve_app.routes import RouteSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,11 +50,12 @@ def current_request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
-def needs_key(path: str) -> bool:
-    """`/v1/...` needs a key; signed image links carry their own authorisation; `/health` and
-    `/openapi.json` are open so load balancers and tools can read them."""
-    signed = (FILES_ROUTE + "/", JOB_FILES_ROUTE + "/")
-    return path.startswith("/v1/") and not path.startswith(signed)
+def needs_key(route: RouteSpec) -> bool:
+    """The route table's `access`: the API (`/v1/...`) is keyed; signed image links carry their
+    own authorisation; `/health`, `/openapi.json` and the playground are open so load balancers,
+    tools and browsers can read them. A path no route matches (404) or a method a route does not
+    have (405) is answered by Starlette's router before any frame, without a key."""
+    return route.access == "keyed"
 
 
 class RequestFrame:
@@ -65,14 +67,17 @@ class RequestFrame:
         self.metrics = metrics
         self.throttle = FailedAuthThrottle()
 
-    def wrap(self, handler: Handler, route: str) -> Handler:
+    def wrap(self, handler: Handler, route: RouteSpec) -> Handler:
+        keyed = needs_key(route)
+        template = route.path  # metrics and logs name the template, never the raw path
+
         async def endpoint(request: Request) -> Response:
             started = time.monotonic()
             state = request.state
             state.request_id = current_request_id(request)
             state.key_name, state.summary = "-", {}
             try:
-                if self.keys is not None and needs_key(request.url.path):
+                if self.keys is not None and keyed:
                     client = request.client.host if request.client else "-"
                     authorization = request.headers.get("authorization")
                     state.key_name = self.throttle.check(self.keys, authorization, client)
@@ -83,10 +88,10 @@ class RequestFrame:
                 state.summary["client_closed"] = True
                 response = Response(status_code=CLIENT_CLOSED_REQUEST)
             except Exception as exc:  # noqa: BLE001 - the one place errors become envelopes
-                exc = unwrap_remote_error(exc)
-                self._count_rejection(exc)
-                response = error_response(exc, state.request_id)
-            self._record(request, route, response.status_code, time.monotonic() - started)
+                error = unwrap_remote_error(exc)
+                self._count_rejection(error)
+                response = error_response(error, state.request_id)
+            self._record(request, template, response.status_code, time.monotonic() - started)
             return response
 
         return endpoint
@@ -113,7 +118,7 @@ class RequestFrame:
         try:
             self.metrics.requests.inc(tags=tags)
             self.metrics.latency.observe(seconds, tags={"endpoint": route, "model": model})
-        except Exception:  # noqa: BLE001 - metrics must never break a response
+        except Exception:  # metrics must never break a response (logged)
             logger.exception("could not record metrics for request %s", state.request_id)
         line = {
             "id": state.request_id,

@@ -1,4 +1,5 @@
-"""The images endpoints: read -> resolve -> job -> model -> shape, sync, streamed or as links.
+"""The images endpoints: read -> resolve -> model request -> model -> shape (sync, streamed,
+links), or an asynchronous job.
 
 `ImagesService` talks to models through `ModelClient`s (a Ray deployment handle in the app, a fake
 in unit tests), so everything here runs without Ray. Handlers raise `APIError`s; the request
@@ -28,12 +29,13 @@ from serve_app.geometry import format_wxh, image_tokens
 from serve_app.http import bodies, decoding
 from serve_app.http.errors import as_api_error, error_body
 from serve_app.http.jobs import JobRoutes, wants_async
-from serve_app.http.responses import images_response, sse, stream_event
+from serve_app.http.responses import sse
 from serve_app.imageops import Conditioning, prepare_conditioning
 from serve_app.metrics import IngressMetrics
 from serve_app.model_client import ModelClient, ModelStream
 from serve_app.protocol import ImageOptions, Usage
 from serve_app.resolution import ResolvedGeneration, build_usage, resolve_generation
+from serve_app.shapes import images_response, stream_event
 from serve_app.storage import ImageStore
 
 
@@ -117,7 +119,8 @@ class ImagesService:
         resolved: ResolvedGeneration,
         conditioning: Conditioning | None = None,
     ) -> Response:
-        """Send the job to its model deployment: streamed, or one JSON answer."""
+        """Send the model request to its deployment (streamed, or one JSON answer), or queue it as
+        an asynchronous job."""
         request.state.summary = {
             "model": resolved.model_id,
             "kind": endpoint,
@@ -128,7 +131,8 @@ class ImagesService:
             "stream": resolved.stream,
             "user": parsed.user,
         }
-        as_job = self.jobs is not None and wants_async(request)
+        jobs = self.jobs if wants_async(request) else None
+        as_job = jobs is not None
         if parsed.webhook_url and not as_job:
             raise APIError(
                 "webhook_url applies to asynchronous jobs: send the header "
@@ -138,17 +142,18 @@ class ImagesService:
             )
         if resolved.adapters:
             await asyncio.to_thread(self._check_adapters, resolved)
-        job = resolved.to_model_request(request.state.request_id, conditioning)
+        model_request = resolved.to_model_request(request.state.request_id, conditioning)
         input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
         model = self.models[resolved.model_id]
-        if as_job:
-            await model.count_text_tokens(job.prompt)  # a too-long prompt is a 400 now
-            return await self.jobs.submit(
-                request, endpoint, resolved, job, input_tokens, parsed.webhook_url
+        if jobs is not None:
+            await model.count_text_tokens(model_request.prompt)  # a too-long prompt: 400 now
+            return await jobs.submit(
+                request, endpoint, resolved, model_request, input_tokens, parsed.webhook_url
             )
         if resolved.stream:
-            return await self._stream(request, endpoint, resolved, model.stream(job), input_tokens)
-        result = await model.generate(job)
+            events = model.stream(model_request)
+            return await self._stream(request, endpoint, resolved, events, input_tokens)
+        result = await model.generate(model_request)
         usage = build_usage(resolved, result.text_tokens, input_tokens)
         urls = None
         if resolved.response_format == "url":

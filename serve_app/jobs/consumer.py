@@ -1,6 +1,6 @@
 """The job consumer deployment: Ray Serve's task consumer takes queued jobs from Redis and runs
-each through the same model deployment handle the ingress uses, so async and sync requests
-batch together.
+each through the same model client (`serve_app.model_client`) the ingress uses, so async and
+sync requests batch together.
 
 One handler, `run_image_job(job_id)`, runs on a Celery worker thread of the replica (Ray Serve's
 Celery adapter; handlers are synchronous). A heartbeat thread marks the jobs this replica runs
@@ -18,26 +18,32 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ray.serve.exceptions import BackPressureError
 from ray.serve.task_consumer import task_handler
 
 from serve_app.config import AppArgs
-from serve_app.contract import Accepted, APIError, Completed, ModelRequest, Progress
-from serve_app.jobs import payload
-from serve_app.jobs.metrics import JobMetrics
-from serve_app.jobs.queue import TASK_NAME, redis_url
-from serve_app.jobs.store import HEARTBEAT_S, STALE_S, JobStore
-from serve_app.jobs.webhooks import WebhookSender
+from serve_app.contract import (
+    Accepted,
+    APIError,
+    Completed,
+    GenerationResult,
+    ModelRequest,
+    Progress,
+)
+from serve_app.jobs.backend import JobBackend
+from serve_app.jobs.failures import api_error, replica_lost, with_redis
+from serve_app.jobs.objects import job_object
+from serve_app.jobs.queue import TASK_NAME
+from serve_app.jobs.record import JobError, JobRecord, JobStatus
+from serve_app.model_client import ModelClient, RayModelClient, SyncModelStream
 from serve_app.resolution import build_usage
-from serve_app.storage import make_job_store, url_secret
 
 logger = logging.getLogger("ray.serve")
 
-
-DRAIN_S = 240  # within the consumer deployment's graceful_shutdown_timeout_s (app.py)
 SWEEP_MARGIN_S = 30  # how often, and how long past the visibility timeout, lost jobs are sought
+BACKPRESSURE_WAIT_S = 1.0  # a full model deployment: the job waits its turn in such steps
 
 
 class JobCancelled(Exception):
@@ -46,15 +52,22 @@ class JobCancelled(Exception):
 
 @dataclasses.dataclass
 class Running:
-    stream: Any = None
+    stream: SyncModelStream | None = None
     progress: float = 0.0
     cancelled: bool = False
     deadline: float | None = None  # monotonic; set when the model accepts the job
     timed_out: bool = False
 
 
+def waiting_client(handle: Any) -> ModelClient:
+    """The consumer's model client: a full model deployment is waited out, not failed."""
+    return RayModelClient(handle, wait_s=BACKPRESSURE_WAIT_S)
+
+
 class ImageJobConsumer:
     """Runs queued jobs; `app.build_app` wraps it with `task_consumer(...)`."""
+
+    _adapter: Any  # the Celery adapter, set by Ray Serve's `task_consumer` wrapper
 
     @staticmethod
     def deployment_options(args: AppArgs) -> dict[str, Any]:
@@ -64,7 +77,8 @@ class ImageJobConsumer:
             "name": "ImageJobConsumer",
             "ray_actor_options": {"num_cpus": 0},  # it forwards jobs; the model replicas compute
             "max_ongoing_requests": 16,  # jobs in flight per consumer: enough to fill batches
-            "graceful_shutdown_timeout_s": 300,  # running jobs finish before a replica goes
+            # Running jobs finish (`jobs.drain_s`) before a replica goes:
+            "graceful_shutdown_timeout_s": args.jobs.graceful_shutdown_s,
             "autoscaling_config": {
                 "min_replicas": 1,
                 "max_replicas": 4,
@@ -80,20 +94,25 @@ class ImageJobConsumer:
             "logging_config": {"enable_access_log": args.access_log},
         }
 
-    def __init__(self, args: dict, model_handles: dict, embedded_redis: Any = None) -> None:
-        """`embedded_redis`: the embedded Redis deployment, bound here so the app deploys it."""
+    def __init__(
+        self,
+        args: dict,
+        model_handles: dict,
+        embedded_redis: Any = None,
+        client_factory: Callable[[Any], ModelClient] = waiting_client,
+    ) -> None:
+        """`embedded_redis`: the embedded Redis deployment, bound here so the app deploys it.
+        `client_factory` makes each model handle a `ModelClient` (unit tests pass fakes)."""
         self.args = AppArgs.model_validate(args)
-        config = self.args.jobs
-        self.config = config
-        self.store = JobStore(redis_url(config), config.result_ttl_s, config.max_queued)
-        self.images = make_job_store(
-            self.args.storage, config.result_ttl_s, url_secret(self.args.storage)
-        )
-        self.models = model_handles
-        self.metrics = JobMetrics()
-        self.webhooks = WebhookSender(config.webhooks, self.metrics.webhook_outcome)
+        self.config = self.args.jobs
+        backend = JobBackend.from_args(self.args)
+        self.store = backend.store
+        self.images = backend.images
+        self.metrics = backend.metrics
+        self.webhooks = backend.webhooks
+        self.models = {model_id: client_factory(h) for model_id, h in model_handles.items()}
         self.worker = _replica_id()
-        self.timeout_s = config.timeout_s or self.args.limits.request_timeout_s
+        self.timeout_s = self.config.timeout_s or self.args.limits.request_timeout_s
         self._running: dict[str, Running] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -101,35 +120,37 @@ class ImageJobConsumer:
 
     @task_handler(name=TASK_NAME)
     def run_image_job(self, job_id: str) -> str:
-        state = _with_redis(lambda: self.store.start(job_id, self.worker))
+        state = with_redis(lambda: self.store.start(job_id, self.worker))
         if state == "busy":
             # A second delivery (the first outlived the visibility timeout) while a consumer
             # still runs the job: look again later, so the job is not lost if that one dies.
-            self._adapter.enqueue_task_sync(TASK_NAME, args=[job_id], countdown=2 * STALE_S)
+            countdown = 2 * self.config.stale_s
+            self._adapter.enqueue_task_sync(TASK_NAME, args=[job_id], countdown=countdown)
         if state != "started":
             logger.info("job %s not run: %s", job_id, state)
             return state
-        record = self.store.get(job_id) or {}
-        self.metrics.started(time.time() - float(record.get("created_at", time.time())))
+        record = with_redis(lambda: self.store.get(job_id))
+        if record is None:  # deleted between start and now
+            return "cancelled"
+        self.metrics.started(time.time() - record.created_at)
         started = time.monotonic()
         with self._lock:
             self._running[job_id] = running = Running()
         try:
-            data = self.store.payload(job_id)
-            if data is None:
-                raise APIError("The job's request was lost.", status=500, code="internal_error")
-            job = dataclasses.replace(payload.job_from_bytes(data), report_progress=True)
-            result = self._generate(record["model"], job, running)
-            outcome = self._complete(job_id, record, result)
-        except JobCancelled:
-            outcome = "cancelled"
-        except APIError as exc:
-            outcome = self._fail(job_id, exc)
-        except Exception as exc:  # noqa: BLE001 - a model replica died, Redis blipped, ...
+            outcome = self._run(record, running)
+        except Exception as exc:
             if running.cancelled:
                 outcome = "cancelled"
-            else:
+            elif replica_lost(exc):
                 return self._retry_or_fail(job_id, exc)
+            else:  # a bug: fail loudly, once, with its traceback in the log
+                logger.error("job %s failed with an internal error", job_id, exc_info=exc)
+                error = APIError(
+                    "The server had an error while processing the job.",
+                    status=500,
+                    code="internal_error",
+                )
+                outcome = self._fail(job_id, error)
         finally:
             with self._lock:
                 self._running.pop(job_id, None)
@@ -139,32 +160,44 @@ class ImageJobConsumer:
         logger.info("job %s %s", job_id, outcome)
         return outcome
 
-    def _generate(self, model_id: str, job: ModelRequest, running: Running):
-        handle = self.models[model_id]
-        if job.adapters:
-            handle = handle.options(multiplexed_model_id=job.adapter_set)
-        result = None
-        while True:
-            running.stream = handle.options(stream=True).generate_stream.remote(job)
-            if running.cancelled:  # deleted before the stream existed
-                running.stream.cancel()
-            try:
-                for event in running.stream:
-                    if isinstance(event, Accepted) and running.deadline is None:
-                        running.deadline = time.monotonic() + self.timeout_s  # heartbeats watch
-                    elif isinstance(event, Progress):
-                        running.progress = event.fraction
-                    elif isinstance(event, Completed):
-                        result = event.result
-                break
-            except BackPressureError:
-                time.sleep(1)  # the model deployment is full: wait our turn, not a retry
-            except Exception:
-                if running.timed_out:
-                    raise self._timed_out() from None
-                if running.cancelled:
-                    raise JobCancelled() from None
+    def _run(self, record: JobRecord, running: Running) -> str:
+        """Run one started job to its outcome: completed, failed (its own error) or cancelled."""
+        try:
+            data = self.store.payload(record.id)
+            if data is None:
+                raise APIError("The job's request was lost.", status=500, code="internal_error")
+            request = dataclasses.replace(ModelRequest.from_json(data), report_progress=True)
+            result = self._generate(self.models[record.model], request, running)
+            return self._complete(record, result)
+        except JobCancelled:
+            return "cancelled"
+        except Exception as exc:
+            error = api_error(exc)
+            if error is None:
                 raise
+            return self._fail(record.id, error)
+
+    def _generate(
+        self, client: ModelClient, request: ModelRequest, running: Running
+    ) -> GenerationResult:
+        running.stream = stream = client.stream_sync(request)
+        if running.cancelled:  # deleted before the stream existed
+            stream.cancel()
+        result = None
+        try:
+            for event in stream:
+                if isinstance(event, Accepted) and running.deadline is None:
+                    running.deadline = time.monotonic() + self.timeout_s  # heartbeats watch
+                elif isinstance(event, Progress):
+                    running.progress = event.fraction
+                elif isinstance(event, Completed):
+                    result = event.result
+        except Exception:
+            if running.timed_out:
+                raise self._timed_out() from None
+            if running.cancelled:
+                raise JobCancelled() from None
+            raise
         if running.timed_out:
             raise self._timed_out()
         if running.cancelled or result is None:
@@ -180,13 +213,23 @@ class ImageJobConsumer:
             code="job_timeout",
         )
 
-    def _complete(self, job_id: str, record: dict[str, str], result) -> str:
-        resolved = payload.resolved_from_json(record["resolved"])
+    def _complete(self, record: JobRecord, result: GenerationResult) -> str:
+        resolved = record.resolved
+        if resolved is None:
+            raise APIError("The job's request was lost.", status=500, code="internal_error")
         names = [self.images.put(image, resolved.output_format) for image in result.images]
-        usage = build_usage(resolved, result.text_tokens, int(record.get("input_tokens", 0)))
-        fields = {"images": names, "usage": usage.model_dump(), "created": int(time.time()),
-                  "progress": 1, "batch_sizes": result.batch_sizes}  # fmt: skip
-        status = _with_redis(lambda: self.store.finish(job_id, "completed", fields))
+        usage = build_usage(resolved, result.text_tokens, record.input_tokens)
+        status = with_redis(
+            lambda: self.store.finish(
+                record.id,
+                JobStatus.COMPLETED,
+                images=tuple(names),
+                usage=usage,
+                created=int(time.time()),
+                progress=1.0,
+                batch_sizes=tuple(result.batch_sizes),
+            )
+        )
         if status != "ok":  # deleted while its images were saved
             for name in names:
                 self.images.delete(name)
@@ -194,9 +237,8 @@ class ImageJobConsumer:
         return "completed"
 
     def _fail(self, job_id: str, error: APIError) -> str:
-        body = {"message": error.message, "type": error.type, "param": error.param,
-                "code": error.code}  # fmt: skip
-        status = _with_redis(lambda: self.store.finish(job_id, "failed", {"error": body}))
+        body = JobError(message=error.message, type=error.type, code=error.code, param=error.param)
+        status = with_redis(lambda: self.store.finish(job_id, JobStatus.FAILED, error=body))
         return "failed" if status == "ok" else "cancelled"
 
     def _retry_or_fail(self, job_id: str, exc: Exception) -> str:
@@ -221,20 +263,17 @@ class ImageJobConsumer:
             self._send_webhook(job_id)
         else:
             logger.warning("job %s attempt %d failed, retrying: %s", job_id, attempt + 1, reason)
-            _with_redis(lambda: self.store.requeue(job_id, type(exc).__name__))
+            with_redis(lambda: self.store.requeue(job_id, type(exc).__name__))
             self.metrics.retries.inc()
         raise exc
 
     def _send_webhook(self, job_id: str) -> None:
-        from serve_app.jobs.objects import job_object
-
         record = self.store.get(job_id)
-        if not record or not record.get("webhook_url"):
+        if record is None or not record.webhook_url:
             return
-        body = job_object(record, self.images, base_url=record.get("base_url", ""))
-        self.webhooks.send(
-            record["webhook_url"], f"{job_id}_{record['status']}", body.model_dump_json().encode()
-        )
+        body = job_object(record, self.images, base_url=record.base_url)
+        event = f"{job_id}_{record.status.value}"
+        self.webhooks.send(record.webhook_url, event, body.model_dump_json().encode())
 
     def sweep(self) -> list[str]:
         """Give a fresh task to each job whose consumer died and whose own task was lost (not
@@ -249,7 +288,7 @@ class ImageJobConsumer:
     def _heartbeats(self) -> None:
         failing = False
         next_sweep = time.monotonic() + SWEEP_MARGIN_S
-        while not self._stopped.wait(HEARTBEAT_S / 2):
+        while not self._stopped.wait(self.config.heartbeat_s / 2):
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_MARGIN_S
                 try:
@@ -306,7 +345,7 @@ class ImageJobConsumer:
         """Shutting down (scale-in, update): Serve's task consumer has stopped taking jobs; let
         the running ones finish, within the deployment's graceful shutdown, then put any left
         back in the queue."""
-        deadline = time.monotonic() + DRAIN_S
+        deadline = time.monotonic() + self.config.drain_s
         while self._running and time.monotonic() < deadline:
             time.sleep(0.5)
         with self._lock:
@@ -320,19 +359,6 @@ class ImageJobConsumer:
             except Exception:  # noqa: BLE001 - Redis gone too: the job goes stale, runs again
                 logger.warning("job %s could not be requeued at shutdown", job_id)
         self._stopped.set()
-
-
-def _with_redis(call, attempts: int = 60):
-    """Run a Redis call, waiting out a Redis restart (up to a minute)."""
-    import redis
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except (redis.ConnectionError, redis.TimeoutError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(1)
 
 
 def _replica_id() -> str:

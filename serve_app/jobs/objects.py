@@ -1,51 +1,55 @@
-"""A job record (Redis hash) as the wire's job object, with its result rebuilt exactly as the
-synchronous call would have answered (images from the job store: base64, or fresh links)."""
+"""A `JobRecord` as the wire's job object, with its result rebuilt exactly as the synchronous call
+would have answered (images from the job store: base64, or fresh links). Also what a webhook
+carries, so no Starlette here (`serve_app.shapes` shapes the result)."""
 
 from __future__ import annotations
 
-import json
-
 from serve_app.codec import to_base64
-from serve_app.http.responses import images_response
-from serve_app.jobs.payload import resolved_from_json
-from serve_app.protocol import ErrorInfo, ImageJobObject, Usage
+from serve_app.jobs.record import JobRecord, JobStatus
+from serve_app.protocol import ErrorInfo, ImageJobObject, ImagesResponse
+from serve_app.shapes import images_response
 from serve_app.storage import ImageStore
 
 
-def _int(value: str | None) -> int | None:
-    return int(float(value)) if value else None
-
-
 def job_object(
-    record: dict[str, str], images: ImageStore, base_url: str, with_result: bool = True
+    record: JobRecord, images: ImageStore, base_url: str, with_result: bool = True
 ) -> ImageJobObject:
-    status = record["status"]
+    status = record.status
     result = error = None
-    if status == "completed" and record.get("images") and with_result:
-        resolved = resolved_from_json(record["resolved"])
-        names = json.loads(record["images"])
-        usage = Usage.model_validate_json(record["usage"])
-        if resolved.response_format == "url":
-            expires = int(float(record["completed_at"])) + int(record["ttl_s"])
-            links = [images.link(name, base_url, expires) for name in names]
-            result = images_response(resolved, usage, urls=links)
-        else:
-            result = images_response(resolved, usage, [to_base64(images.get(n)) for n in names])
-        result.created = int(record["created"])
-    if status == "failed" and record.get("error"):
-        error = ErrorInfo.model_validate_json(record["error"])
-    position = record.get("queue_position")
+    if status == JobStatus.COMPLETED and record.images and with_result:
+        result = _result(record, images, base_url)
+    if status == JobStatus.FAILED and record.error is not None:
+        error = ErrorInfo(**vars(record.error))
     return ImageJobObject(
-        id=record["id"],
-        status=status,
-        created_at=int(float(record["created_at"])),
-        model=record["model"],
-        endpoint=record["endpoint"],
-        queue_position=int(position) if status == "queued" and position else None,
-        progress=float(record.get("progress") or 0),
-        started_at=_int(record.get("started_at")),
-        completed_at=_int(record.get("completed_at")),
-        attempts=int(record.get("attempts") or 0),
+        id=record.id,
+        status=status.value,
+        created_at=int(record.created_at),
+        model=record.model,
+        endpoint=record.endpoint,
+        queue_position=record.queue_position if status == JobStatus.QUEUED else None,
+        progress=record.progress,
+        started_at=_int(record.started_at),
+        completed_at=_int(record.completed_at),
+        attempts=record.attempts,
         result=result,
         error=error,
     )
+
+
+def _result(record: JobRecord, images: ImageStore, base_url: str) -> ImagesResponse:
+    resolved, usage = record.resolved, record.usage
+    if resolved is None or usage is None:
+        raise ValueError(f"job {record.id} is completed but has no request or usage")
+    if resolved.response_format == "url":
+        expires = int(record.completed_at or 0) + record.ttl_s
+        links = [images.link(name, base_url, expires) for name in record.images]
+        result = images_response(resolved, usage, urls=links)
+    else:
+        result = images_response(resolved, usage, [to_base64(images.get(n)) for n in record.images])
+    if record.created is not None:
+        result.created = record.created
+    return result
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value else None

@@ -10,18 +10,19 @@ import os
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from serve_app.config import JobsConfig, cache_root, stored_secret
+from serve_app.cache import redis_dir, redis_password_file, stored_secret
+from serve_app.config import JobsConfig
 
 TASK_NAME = "run_image_job"
 
 
 def embedded_dir() -> Path:
-    return cache_root() / "redis"
+    return redis_dir()
 
 
 def embedded_password_file() -> Path:
     """The embedded Redis's password: made once, kept beside its data (mode 0600)."""
-    path = embedded_dir() / "password"
+    path = redis_password_file()
     stored_secret(path, 32)
     return path
 

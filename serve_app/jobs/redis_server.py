@@ -18,6 +18,10 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serve_app.config import AppArgs
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +41,20 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedRedis:
+    """The `redis-server` of one machine; bound by `app.build_app` when jobs use it."""
+
+    @staticmethod
+    def deployment_options(args: AppArgs) -> dict[str, Any]:
+        """Options for `serve.deployment`: one replica that computes nothing (the server is a
+        process of its own), health-checked often, so a dead server is back within seconds."""
+        return {
+            "name": "EmbeddedRedis",
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": 0},
+            "health_check_period_s": 2,  # restarts a dead redis-server within seconds
+            "logging_config": {"enable_access_log": args.access_log},
+        }
+
     def __init__(self, port: int, password_file: str, directory: str) -> None:
         """The server on 127.0.0.1:`port` with the password in `password_file` (0600; never
         passed through Ray); data in `directory`."""
@@ -44,7 +62,7 @@ class EmbeddedRedis:
         self.password = Path(password_file).read_text().strip()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.binary = shutil.which("redis-server")
         self.restarts = 0
         self.error: str | None = None  # why the server is not ours to use
@@ -110,12 +128,14 @@ class EmbeddedRedis:
             )
             logger.error("embedded Redis not started: %s", self.error)
             return
-        self.process = self._starter.submit(
-            subprocess.Popen,
-            [self.binary, self._conf()],
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        ).result()
+        if self.binary is None:
+            raise RuntimeError(MISSING)
+        command = [self.binary, self._conf()]
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+
+        self.process = self._starter.submit(spawn).result()
         deadline = time.monotonic() + 10
         while self._probe() != "ours":
             if self.process.poll() is not None or time.monotonic() > deadline:

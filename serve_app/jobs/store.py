@@ -16,15 +16,15 @@ ran), or when it finishes, is cancelled or deleted; a retry makes it wait again.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from typing import Any
 
+from serve_app.jobs.record import FIELD, JobRecord, JobStatus, lua
+
 PREFIX = "serve_app:"
-FINISHED = ("completed", "failed", "cancelled")
-HEARTBEAT_S = 1.0  # consumers touch the jobs they run this often
-STALE_S = 6.0  # a running job not touched for this long lost its consumer
+# The Lua scripts below are templates (`record.lua`): `$status` is a hash field's name,
+# `$QUEUED` a status's value, both from `serve_app.jobs.record`.
 
 # Leaving `waiting` (KEYS: waiting, waiting_by_owner), idempotent: a count moves only with a
 # member, so the two always agree.
@@ -45,7 +45,7 @@ end
 local seq = redis.call('INCR', KEYS[5])
 redis.call('SET', KEYS[3], ARGV[2])
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[2], 'seq', seq)
+redis.call('HSET', KEYS[2], '$seq', seq)
 redis.call('ZADD', KEYS[1], seq, ARGV[3])
 redis.call('ZADD', KEYS[4], seq, ARGV[3])
 redis.call('ZADD', KEYS[6], seq, ARGV[3])
@@ -55,19 +55,19 @@ return redis.call('ZRANK', KEYS[1], ARGV[3])
 """
 
 _START = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local status = redis.call('HGET', KEYS[1], '$status')
 if not status then return 'missing' end
-if status == 'completed' or status == 'failed' or status == 'cancelled' then return status end
-if status == 'in_progress' then
-  local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat') or '0')
+if status == '$COMPLETED' or status == '$FAILED' or status == '$CANCELLED' then return status end
+if status == '$IN_PROGRESS' then
+  local beat = tonumber(redis.call('HGET', KEYS[1], '$heartbeat') or '0')
   if tonumber(ARGV[2]) - beat < tonumber(ARGV[3]) then return 'busy' end
 end
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'heartbeat', ARGV[2], 'worker', ARGV[4],
-           'progress', '0')
-if not redis.call('HGET', KEYS[1], 'started_at') then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+redis.call('HSET', KEYS[1], '$status', '$IN_PROGRESS', '$heartbeat', ARGV[2], '$worker', ARGV[4],
+           '$progress', '0')
+if not redis.call('HGET', KEYS[1], '$started_at') then
+  redis.call('HSET', KEYS[1], '$started_at', ARGV[2])
 end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HINCRBY', KEYS[1], '$attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 'started'
 """
@@ -75,10 +75,10 @@ return 'started'
 _FINISH = (
     _UNWAIT
     + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'in_progress' then return status or 'missing' end
-unwait(KEYS[3], KEYS[4], ARGV[4], redis.call('HGET', KEYS[1], 'owner'))
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'completed_at', ARGV[2])
+local status = redis.call('HGET', KEYS[1], '$status')
+if status ~= '$IN_PROGRESS' then return status or 'missing' end
+unwait(KEYS[3], KEYS[4], ARGV[4], redis.call('HGET', KEYS[1], '$owner'))
+redis.call('HSET', KEYS[1], '$status', ARGV[1], '$completed_at', ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -91,11 +91,11 @@ return 'ok'
 _CANCEL = (
     _UNWAIT
     + """
-local status = redis.call('HGET', KEYS[1], 'status')
+local status = redis.call('HGET', KEYS[1], '$status')
 if not status then return {'missing', {}} end
-if status == 'queued' or status == 'in_progress' then
-  unwait(KEYS[4], KEYS[5], ARGV[1], redis.call('HGET', KEYS[1], 'owner'))
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'completed_at', ARGV[2], 'cancel', '1')
+if status == '$QUEUED' or status == '$IN_PROGRESS' then
+  unwait(KEYS[4], KEYS[5], ARGV[1], redis.call('HGET', KEYS[1], '$owner'))
+  redis.call('HSET', KEYS[1], '$status', '$CANCELLED', '$completed_at', ARGV[2], '$cancel', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[3])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -105,12 +105,12 @@ return {status, redis.call('HGETALL', KEYS[1])}
 )
 
 _REQUEUE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'progress', '0', 'last_error', ARGV[2])
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if redis.call('HGET', KEYS[1], '$status') ~= '$IN_PROGRESS' then return 0 end
+redis.call('HSET', KEYS[1], '$status', '$QUEUED', '$progress', '0', '$last_error', ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], '$seq'))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 if redis.call('ZADD', KEYS[3], 'NX', seq, ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[4], redis.call('HGET', KEYS[1], 'owner'), 1)
+  redis.call('HINCRBY', KEYS[4], redis.call('HGET', KEYS[1], '$owner'), 1)
 end
 return 1
 """
@@ -131,9 +131,9 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 _RECOUNT = """
 redis.call('DEL', KEYS[2])
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local record = redis.call('HMGET', ARGV[1] .. id, 'status', 'owner')
+  local record = redis.call('HMGET', ARGV[1] .. id, '$status', '$owner')
   local status = record[1]
-  if status == 'queued' or status == 'in_progress' then
+  if status == '$QUEUED' or status == '$IN_PROGRESS' then
     redis.call('HINCRBY', KEYS[2], record[2] or '', 1)
   else
     redis.call('ZREM', KEYS[1], id)
@@ -149,13 +149,13 @@ _TOUCH = (
 local result = {}
 for i = 1, #KEYS - 2 do
   local key = KEYS[i + 2]
-  local running = redis.call('HGET', key, 'status') == 'in_progress'
+  local running = redis.call('HGET', key, '$status') == '$IN_PROGRESS'
   if running then
-    redis.call('HSET', key, 'heartbeat', ARGV[1])
+    redis.call('HSET', key, '$heartbeat', ARGV[1])
     local progress = tonumber(ARGV[2 * i + 1])
-    if progress >= 0 then redis.call('HSET', key, 'progress', ARGV[2 * i + 1]) end
+    if progress >= 0 then redis.call('HSET', key, '$progress', ARGV[2 * i + 1]) end
     if progress > 0 then
-      unwait(KEYS[1], KEYS[2], ARGV[2 * i], redis.call('HGET', key, 'owner'))
+      unwait(KEYS[1], KEYS[2], ARGV[2 * i], redis.call('HGET', key, '$owner'))
     end
   end
   result[i] = running and 1 or 0
@@ -185,23 +185,32 @@ class JobStore:
         result_ttl_s: int,
         max_queued: int,
         max_queued_per_key: int | None = None,
+        stale_s: float = 6.0,
     ) -> None:
+        """`stale_s`: a running job whose heartbeat is this old lost its consumer."""
         import redis
 
-        options = {"socket_connect_timeout": 2, "socket_timeout": 10, "retry_on_timeout": True}
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True, **options)
-        self.raw = redis.Redis.from_url(redis_url, **options)  # payload bytes
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 2,
+            "socket_timeout": 10,
+            "retry_on_timeout": True,
+        }
+        # `Any`: redis-py's types cannot say that `decode_responses=True` returns `str`.
+        self.redis: Any = redis.Redis.from_url(redis_url, decode_responses=True, **options)
+        self.raw: Any = redis.Redis.from_url(redis_url, **options)  # payload bytes
         self.result_ttl_s = result_ttl_s
         self.max_queued = max_queued
         self.max_queued_per_key = max_queued_per_key
-        self._submit = self.redis.register_script(_SUBMIT)
-        self._start = self.redis.register_script(_START)
-        self._finish = self.redis.register_script(_FINISH)
-        self._cancel = self.redis.register_script(_CANCEL)
-        self._requeue = self.redis.register_script(_REQUEUE)
-        self._forget = self.redis.register_script(_FORGET)
-        self._recount = self.redis.register_script(_RECOUNT)
-        self._touch = self.redis.register_script(_TOUCH)
+        self.stale_s = stale_s
+        register = self.redis.register_script
+        self._submit = register(lua(_SUBMIT))
+        self._start = register(lua(_START))
+        self._finish = register(lua(_FINISH))
+        self._cancel = register(lua(_CANCEL))
+        self._requeue = register(lua(_REQUEUE))
+        self._forget = register(lua(_FORGET))
+        self._recount = register(lua(_RECOUNT))
+        self._touch = register(lua(_TOUCH))
 
     # --- keys --------------------------------------------------------------------------------
     @staticmethod
@@ -224,17 +233,18 @@ class JobStore:
 
     # --- ingress -----------------------------------------------------------------------------
     def ping(self) -> None:
+        """Raises when Redis cannot be reached (the ingress's `/health`)."""
         self.redis.ping()
 
-    def submit(self, job_id: str, fields: dict[str, Any], payload: bytes) -> int:
+    def submit(self, record: JobRecord, payload: bytes) -> int:
         """Record a queued job and its payload; its queue position. `QueueFull` when
         `max_queued` jobs (or `max_queued_per_key` of this owner's) wait for the model."""
-        owner = fields["owner"]
-        pairs = [item for key, value in fields.items() for item in (key, _text(value))]
+        job_id, owner = record.id, record.owner
+        pairs = [item for pair in record.to_hash().items() for item in pair]
         keys = [self.QUEUED, self._job(job_id), self._payload(job_id), self._owner(owner),
                 self.SEQ, self.WAITING, self.WAITING_BY_OWNER]  # fmt: skip
         per_key = self.max_queued_per_key or 0
-        args = [self.max_queued, payload, job_id, per_key, owner, *pairs]
+        args: list[Any] = [self.max_queued, payload, job_id, per_key, owner, *pairs]
         position = self._submit(keys=keys, args=args)
         if position == -1:
             raise QueueFull(self.max_queued)
@@ -248,16 +258,16 @@ class JobStore:
                 self._owner(owner), self.WAITING, self.WAITING_BY_OWNER]  # fmt: skip
         self._forget(keys=keys, args=[job_id, owner])
 
-    def get(self, job_id: str) -> dict[str, str] | None:
-        record = self.redis.hgetall(self._job(job_id))
-        if not record:
+    def get(self, job_id: str) -> JobRecord | None:
+        fields = self.redis.hgetall(self._job(job_id))
+        if not fields:
             return None
-        if record.get("status") == "queued":
-            rank = self.redis.zrank(self.QUEUED, job_id)
-            record["queue_position"] = "" if rank is None else str(rank)
-        return record
+        position = None
+        if fields.get(FIELD["status"]) == JobStatus.QUEUED:
+            position = self.redis.zrank(self.QUEUED, job_id)
+        return JobRecord.from_hash(fields, queue_position=position)
 
-    def list(self, owner: str, limit: int, after: str | None) -> tuple[list[dict], bool]:
+    def list_owned(self, owner: str, limit: int, after: str | None) -> tuple[list[JobRecord], bool]:
         """The owner's jobs, newest first, after the job `after`; and whether more exist.
         `KeyError` when `after` names no job of this owner (any more)."""
         key = self._owner(owner)
@@ -267,7 +277,8 @@ class JobStore:
             if score is None or not self.redis.exists(self._job(after)):
                 raise KeyError(after)
             high = f"({int(score)}"
-        records, stale = [], []
+        records: list[JobRecord] = []
+        stale = []
         while len(records) <= limit:
             page = self.redis.zrevrangebyscore(key, high, "-inf", start=0, num=limit + 1,
                                                withscores=True)  # fmt: skip
@@ -288,15 +299,15 @@ class JobStore:
         """Cancel a queued or running job; its status before ('missing' if none)."""
         return self.cancel_and_get(job_id)[0]
 
-    def cancel_and_get(self, job_id: str) -> tuple[str, dict[str, str] | None]:
+    def cancel_and_get(self, job_id: str) -> tuple[str, JobRecord | None]:
         """Cancel a queued or running job. Its status before ('missing' if none) and, read in
         the same step, its record after (None: gone, e.g. deleted by a concurrent delete)."""
         keys = [self._job(job_id), self.QUEUED, self._payload(job_id), self.WAITING,
                 self.WAITING_BY_OWNER]  # fmt: skip
         before, flat = self._cancel(keys=keys, args=[job_id, time.time(), self.result_ttl_s])
         self.redis.zrem(self.RUNNING, job_id)
-        record = dict(zip(flat[::2], flat[1::2], strict=True))
-        return before, record or None
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        return before, JobRecord.from_hash(fields) if fields else None
 
     def queue_length(self) -> int:
         """Jobs no consumer has taken yet (the broker's backlog)."""
@@ -313,7 +324,7 @@ class JobStore:
         """'started', or why not: 'missing', 'busy' (another consumer runs it), or its final
         status."""
         keys = [self._job(job_id), self.QUEUED]
-        state = self._start(keys=keys, args=[job_id, time.time(), STALE_S, worker])
+        state = self._start(keys=keys, args=[job_id, time.time(), self.stale_s, worker])
         if state == "started":
             self.redis.zadd(self.RUNNING, {job_id: time.time()})
         return state
@@ -321,11 +332,12 @@ class JobStore:
     def payload(self, job_id: str) -> bytes | None:
         return self.raw.get(self._payload(job_id))
 
-    def finish(self, job_id: str, status: str, fields: dict[str, Any]) -> str:
-        """Set a final status if the job still runs ('ok'); else its status (e.g. cancelled)."""
-        pairs = [item for key, value in fields.items() for item in (key, _text(value))]
+    def finish(self, job_id: str, status: JobStatus, **values: Any) -> str:
+        """Set a final status and the `JobRecord` fields given if the job still runs ('ok');
+        else its status (e.g. cancelled)."""
+        pairs = [item for pair in JobRecord.hash_fields(**values).items() for item in pair]
         keys = [self._job(job_id), self._payload(job_id), self.WAITING, self.WAITING_BY_OWNER]
-        args = [status, time.time(), self.result_ttl_s, job_id, *pairs]
+        args = [JobStatus(status).value, time.time(), self.result_ttl_s, job_id, *pairs]
         done = self._finish(keys=keys, args=args)
         self.redis.zrem(self.RUNNING, job_id)
         return done
@@ -342,7 +354,7 @@ class JobStore:
         (cancelled or deleted). A job with progress above 0 has started on the model: it no
         longer counts against `max_queued`. One script: a deleted job is never recreated."""
         now = time.time()
-        args = [now]
+        args: list[Any] = [now]
         for job_id in job_ids:
             args += [job_id, round(progress.get(job_id, -1), 4)]
         keys = [self.WAITING, self.WAITING_BY_OWNER, *(self._job(job_id) for job_id in job_ids)]
@@ -362,8 +374,8 @@ class JobStore:
         lost = []
         for job_id in self.redis.zrangebyscore(self.RUNNING, "-inf", now - older_than_s,
                                                start=0, num=limit):  # fmt: skip
-            status, beat = self.redis.hmget(self._job(job_id), "status", "heartbeat")
-            if status != "in_progress":
+            status, beat = self.redis.hmget(self._job(job_id), FIELD["status"], FIELD["heartbeat"])
+            if status != JobStatus.IN_PROGRESS:
                 self.redis.zrem(self.RUNNING, job_id)
             elif now - float(beat or 0) >= older_than_s:
                 self.redis.zadd(self.RUNNING, {job_id: now})
@@ -376,13 +388,6 @@ class JobStore:
         """Drop waiting jobs that are gone or final and recount each owner's (one script)."""
         self._recount(keys=[self.WAITING, self.WAITING_BY_OWNER], args=[self._job("")])
 
-    def mark(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(self._job(job_id), mapping={k: _text(v) for k, v in fields.items()})
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
+    def mark(self, job_id: str, **values: Any) -> None:
+        """Set `JobRecord` fields by name (tests and repairs; state changes use the scripts)."""
+        self.redis.hset(self._job(job_id), mapping=JobRecord.hash_fields(**values))

@@ -136,7 +136,7 @@ def resolve_allowed(host: str, port: int, config: WebhookConfig) -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError, ValueError):
         raise WebhookRefused(f"host {host[:100]!r} does not resolve") from None
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     for address in addresses:
         if not config.allow_private and not _public(address):
             raise WebhookRefused(
@@ -220,7 +220,7 @@ class WebhookSender:
     def _run(self, event: _Event) -> None:
         try:
             result = self.attempt(event.url, event.message_id, event.body, event.attempt)
-        except Exception:  # noqa: BLE001 - never lose the outcome of a delivery
+        except Exception:
             logger.exception("webhook %s failed unexpectedly", event.message_id)
             result = "failed"
         finally:
@@ -291,7 +291,7 @@ class WebhookSender:
         import httpcore
 
         parts = urlsplit(url)
-        headers = {
+        headers: dict[str | bytes, str | bytes] = {
             "host": parts.netloc.rsplit("@", 1)[-1],
             "content-type": "application/json",
             "webhook-id": message_id,
@@ -302,7 +302,9 @@ class WebhookSender:
         backend = _PinnedBackend(address, deadline)
         try:
             with httpcore.ConnectionPool(
-                ssl_context=self.ssl_context, max_connections=1, network_backend=backend
+                ssl_context=self.ssl_context,
+                max_connections=1,
+                network_backend=backend,  # type: ignore[arg-type]  # duck-typed httpcore backend
             ) as pool:
                 with pool.stream("POST", url, headers=headers, content=body) as response:
                     status = response.status

@@ -8,6 +8,7 @@ visibly batch, and at most one model replica.
 """
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -37,9 +38,17 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret-32-bytes-long
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now (the kernel's pick); tests/cluster use it too."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports nothing listens on now (held together while the kernel picks)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 # Jobs: the embedded Redis on a free port; a consumer that died is noticed within seconds; a
@@ -51,12 +60,6 @@ JOBS = {
     "retry_backoff_max_s": 2,
     "webhooks": {"allow_private": True, "max_attempts": 3},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def local_config(
@@ -158,6 +161,7 @@ def serve_client(serve_config, metrics_port):
 
     schema = ServeDeploySchema.model_validate(serve_config)
     ray.init(
+        address="local",  # a Ray of its own, even where `ray start` runs one on this machine
         num_cpus=2,
         namespace=SERVE_NAMESPACE,
         include_dashboard=False,

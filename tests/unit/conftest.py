@@ -16,6 +16,40 @@ from serve_app.ingress import ImagesIngress
 MODEL = "flux-kontext-tiny"
 
 
+class RayStartedInUnitTest(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Unit tests start no Ray: starting or joining one raises (ray.init, which serve.run /
+    serve.start and Ray's auto-init call; a node, which ray.cluster_utils.Cluster starts).
+    Importing ray and ray.serve modules, decorators and schemas stays free. A test that needs
+    Ray belongs in tests/integration."""
+    import ray
+    import ray._private.node
+    import ray._private.worker
+    import ray.serve
+    import ray.serve.api
+
+    def refuse(*args, **kwargs):
+        raise RayStartedInUnitTest(
+            "tests/unit start no Ray (ray.init, serve.run, serve.start, a node): "
+            "move this test to tests/integration"
+        )
+
+    for owner, name in [
+        (ray, "init"),
+        (ray._private.worker, "init"),
+        (ray._private.node.Node, "__init__"),
+        (ray.serve, "run"),
+        (ray.serve, "start"),
+        (ray.serve.api, "run"),
+        (ray.serve.api, "start"),
+    ]:
+        monkeypatch.setattr(owner, name, refuse)
+
+
 def solid(seed: int, job) -> bytes:
     """An image whose colour encodes its seed, at the job's size."""
     return encode_image(Image.new("RGB", (job.width, job.height), (seed % 256, 7, 9)), "png")

@@ -1,6 +1,7 @@
 """API keys: hashing, constant-time lookup, names; enforced by the ingress (no Ray needed)."""
 
 import asyncio
+import re
 
 import openai
 import pytest
@@ -10,6 +11,7 @@ from serve_app.auth import KeyStore
 from serve_app.config import AppArgs, AuthConfig
 from serve_app.contract import APIError
 from serve_app.ingress import ImagesIngress
+from serve_app.routes import FILES_ROUTE, JOB_FILES_ROUTE, ROUTES, features, served
 
 
 def test_keys_from_env_and_file(tmp_path, monkeypatch):
@@ -86,3 +88,43 @@ def test_stock_sdk_with_and_without_a_key(app):
     with pytest.raises(openai.BadRequestError) as info:
         good.images.generate(prompt="x", size="7x7")
     assert info.value.param == "size"
+
+
+def sample_path(template: str) -> str:
+    """A concrete path for a route template: each `{param}` (or `{param:conv}`) becomes `x`."""
+    return re.sub(r"\{[^}]+\}", "x", template)
+
+
+def test_the_route_tables_access_is_the_key_policy():
+    """`/v1/...` is keyed, except the signed image links; everything else is open."""
+    signed = (FILES_ROUTE + "/", JOB_FILES_ROUTE + "/")
+    for route in ROUTES:
+        path = sample_path(route.path)
+        if path.startswith(signed):
+            assert route.access == "signed", route.path
+        elif path.startswith("/v1/"):
+            assert route.access == "keyed", route.path
+        else:
+            assert route.access == "public", route.path
+
+
+def test_every_keyed_route_and_method_needs_the_key(app):
+    """Driven by the table: no keyed route is reachable without a key (the handlers never run:
+    the frame answers 401 first)."""
+    keyed = [route for route in served(features(AppArgs())) if route.access == "keyed"]
+    assert keyed
+    for route in keyed:
+        for method in route.methods:
+            response = app.request(method, sample_path(route.path))
+            assert response.status_code == 401, (method, route.path)
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_paths_and_methods_are_answered_by_the_router_without_a_key(app):
+    """No route matched, no frame ran: 404 / 405 in the error envelope, before any key check
+    (as before the route table; the paths are public in `/openapi.json` anyway)."""
+    missing = app.get("/v1/no-such-route")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = app.delete("/v1/models")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in wrong.headers["allow"]

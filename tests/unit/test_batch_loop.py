@@ -114,7 +114,8 @@ def test_a_call_must_answer_every_job():
         )
 
     results = run(scenario)
-    assert all(isinstance(r, RuntimeError) and "1 outcomes for 2 jobs" in str(r) for r in results)
+    message = "1 outcomes for 2 requests"
+    assert all(isinstance(r, RuntimeError) and message in str(r) for r in results)
 
 
 def test_reconfigure_applies_to_the_next_call_and_oversized_jobs_are_refused():

@@ -1,5 +1,7 @@
 """The config schema: defaults, the tiny model's presets, and operator mistakes."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -68,3 +70,33 @@ def test_readme_reference_tables_match_the_schema():
     from serve_app.docs import main
 
     assert main(["--check"]) == 0, "docs/ is stale: run python -m serve_app.docs"
+
+
+def test_cache_layout(tmp_path, monkeypatch):
+    """Every path under the cache directory comes from `serve_app.cache` (operators, the
+    integration tests and old caches rely on them)."""
+    from serve_app import cache
+
+    monkeypatch.setenv("SERVE_APP_CACHE", str(tmp_path))
+    assert cache.cache_root() == tmp_path
+    assert cache.redis_dir() == tmp_path / "redis"
+    assert cache.redis_password_file() == tmp_path / "redis" / "password"
+    assert cache.url_secret_file() == tmp_path / "url-secret"
+    assert cache.images_dir() == tmp_path / "images"
+    assert cache.job_images_dir() == tmp_path / "images" / "jobs"
+    assert cache.images_dir("/srv/img") == cache.job_images_dir("/srv/img").parent
+    assert str(cache.job_images_dir("/srv/img")) == "/srv/img/jobs"
+    assert cache.lora_dir() == tmp_path / "lora"
+    assert cache.lora_dir("ImageModel-x") == tmp_path / "lora" / "ImageModel-x"
+    assert cache.tiny_model_dir("1") == tmp_path / "tiny-flux-kontext-v1"
+    monkeypatch.delenv("SERVE_APP_CACHE")
+    assert cache.cache_root() == Path.home() / ".cache" / "serve_app"
+
+
+def test_stored_secret_is_made_once_with_mode_0600(tmp_path):
+    from serve_app.cache import stored_secret
+
+    path = tmp_path / "dir" / "secret"
+    first = stored_secret(path, 32)
+    assert len(first) == 32 and stored_secret(path, 32) == first
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -167,7 +167,7 @@ def test_jobs_consumers_took_still_count_until_the_model_starts_them(store):  # 
     fourth, _ = queued(store)
     with pytest.raises(QueueFull):
         queued(store)
-    assert store.finish(ids[1], "failed", {}) == "ok"  # done before any progress was seen
+    assert store.finish(ids[1], "failed") == "ok"  # done before any progress was seen
     fifth, _ = queued(store)
     assert store.cancel(fourth) == "queued" and store.cancel(ids[2]) == "in_progress"
     assert store.waiting() == 1  # fifth

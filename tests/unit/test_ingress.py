@@ -102,3 +102,44 @@ def test_a_model_request_whose_caller_times_out_is_cancelled_in_the_model():
 
     asyncio.run(timed_out())
     assert [r.cancelled for r in handle.responses] == [True]
+
+
+def test_the_ingress_deployment_options():
+    from serve_app.config import AppArgs
+    from serve_app.ingress import ImagesIngress
+
+    assert ImagesIngress.deployment_options(AppArgs(access_log=False)) == {
+        "name": "ImagesIngress",
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": 256,
+        "logging_config": {"enable_access_log": False},
+    }
+    options = ImagesIngress.deployment_options(AppArgs(access_log=True))
+    assert options["logging_config"] == {"enable_access_log": True}
+
+
+@pytest.mark.parametrize("jobs", [True, False])
+@pytest.mark.parametrize("playground", [True, False])
+def test_the_ingress_serves_the_route_table(tmp_path, jobs, playground):
+    """Every table route whose feature is on, in table order, its handler resolved by name."""
+    from serve_app.config import AppArgs
+    from serve_app.ingress import ImagesIngress
+    from serve_app.routes import ROUTES
+
+    args = AppArgs(
+        storage={"local_dir": str(tmp_path)}, jobs={"enabled": jobs}, playground=playground
+    )
+    ingress = ImagesIngress(args.model_dump(), {})
+    on = {"jobs"} if jobs else set()
+    on |= {"playground"} if playground else set()
+    expected = [route for route in ROUTES if route.feature is None or route.feature in on]
+    served = ingress.routes()
+    assert [route for route, _ in served] == expected
+    for route, handler in served:
+        owner, name = route.handler.split(".")
+        assert handler == getattr(getattr(ingress, owner), name)
+    app = ingress.__serve_build_asgi_app__()
+    assert [(r.path, r.methods - {"HEAD"}) for r in app.routes] == [
+        (route.path, set(route.methods)) for route in expected
+    ]

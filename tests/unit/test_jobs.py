@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from serve_app.config import WebhookConfig
 from serve_app.contract import AdapterRef, ModelRequest
-from serve_app.jobs import payload
+from serve_app.jobs.record import JobRecord, JobStatus
 from serve_app.jobs.store import JobStore, QueueFull, new_job_id
 from serve_app.jobs.webhooks import WebhookRefused, check_destination, secret_bytes, sign
 from tests.unit.conftest import ingress_for
@@ -64,11 +64,17 @@ def store(redis_url):
     return store
 
 
-def queued(store, owner="-", **extra):
-    job_id = new_job_id()
-    fields = {"id": job_id, "status": "queued", "owner": owner, "created_at": time.time(),
-              "model": "m", "endpoint": "generations", **extra}  # fmt: skip
-    return job_id, store.submit(job_id, fields, b"payload")
+def queued(store, owner="-", payload=b"payload", **extra):
+    record = JobRecord(
+        id=new_job_id(),
+        status=JobStatus.QUEUED,
+        owner=owner,
+        created_at=time.time(),
+        model="m",
+        endpoint="generations",
+        **extra,
+    )
+    return record.id, store.submit(record, payload)
 
 
 # --- the store -------------------------------------------------------------------------------
@@ -86,10 +92,10 @@ def test_a_job_runs_once_finishes_once_and_expires(store):
     job_id, _ = queued(store)
     assert store.start(job_id, "w1") == "started"
     assert store.start(job_id, "w2") == "busy"  # a duplicate delivery while it runs
-    assert store.get(job_id)["attempts"] == "1" and store.queue_length() == 0
+    assert store.get(job_id).attempts == 1 and store.queue_length() == 0
     assert store.payload(job_id) == b"payload"
-    assert store.finish(job_id, "completed", {"images": ["a.png"]}) == "ok"
-    assert store.finish(job_id, "failed", {}) == "completed"  # a final state is final
+    assert store.finish(job_id, "completed", images=("a.png",)) == "ok"
+    assert store.finish(job_id, "failed") == "completed"  # a final state is final
     assert store.start(job_id, "w3") == "completed"
     assert store.payload(job_id) is None
     assert 0 < store.redis.ttl(f"serve_app:job:{job_id}") <= 60
@@ -100,7 +106,7 @@ def test_a_job_whose_consumer_went_silent_can_be_started_again(store, monkeypatc
     assert store.start(job_id, "w1") == "started"
     store.mark(job_id, heartbeat=time.time() - 60)
     assert store.start(job_id, "w2") == "started"
-    assert store.get(job_id)["attempts"] == "2"
+    assert store.get(job_id).attempts == 2
 
 
 def test_cancel_beats_finish_and_a_retry_keeps_the_place_in_the_queue(store):
@@ -108,11 +114,11 @@ def test_cancel_beats_finish_and_a_retry_keeps_the_place_in_the_queue(store):
     second, _ = queued(store)
     assert store.start(first, "w") == "started"
     assert store.requeue(first, "replica died")
-    assert store.get(first)["queue_position"] == "0" and store.get(second)["queue_position"] == "1"
+    assert store.get(first).queue_position == 0 and store.get(second).queue_position == 1
     assert store.start(first, "w") == "started"
     assert store.cancel(first) == "in_progress"
     assert store.touch([first], {first: 0.5}) == {first: True}  # the consumer learns of it
-    assert store.finish(first, "completed", {}) == "cancelled"
+    assert store.finish(first, "completed") == "cancelled"
     assert store.cancel(second) == "queued" and store.start(second, "w") == "cancelled"
     assert store.queue_length() == 0
 
@@ -121,12 +127,12 @@ def test_listing_is_per_owner_newest_first_with_a_cursor(store):
     store.max_queued = 100
     mine = [queued(store, "alice")[0] for _ in range(5)]
     queued(store, "bob")
-    page, more = store.list("alice", 2, None)
-    assert [r["id"] for r in page] == mine[::-1][:2] and more
-    page, more = store.list("alice", 10, page[-1]["id"])
-    assert [r["id"] for r in page] == mine[::-1][2:] and not more
+    page, more = store.list_owned("alice", 2, None)
+    assert [r.id for r in page] == mine[::-1][:2] and more
+    page, more = store.list_owned("alice", 10, page[-1].id)
+    assert [r.id for r in page] == mine[::-1][2:] and not more
     store.forget(mine[0], "alice")
-    assert len(store.list("alice", 10, None)[0]) == 4
+    assert len(store.list_owned("alice", 10, None)[0]) == 4
 
 
 # --- payloads and webhooks -----------------------------------------------------------------
@@ -137,11 +143,11 @@ def test_a_job_payload_round_trips_with_its_images():
     job = ModelRequest("r", "p", 64, 64, 2, 2.5, (1, 2), conditioning=(canvas,),
                    mask=Image.new("L", (64, 64), 255), init_image=canvas,
                    adapters=(AdapterRef("a", 0.5),))  # fmt: skip
-    back = payload.job_from_bytes(payload.job_to_bytes(job))
+    back = ModelRequest.from_json(job.to_json())
     assert back.seeds == (1, 2) and back.adapters == job.adapters
     assert back.conditioning[0].tobytes() == canvas.tobytes()
     assert back.mask.tobytes() == job.mask.tobytes()
-    assert b"pickle" not in payload.job_to_bytes(job)
+    assert b"pickle" not in job.to_json()
 
 
 def test_webhook_signatures_verify_with_the_standard_webhooks_library():
@@ -254,7 +260,7 @@ def test_a_running_job_whose_consumer_and_task_were_lost_is_found_once(store):
     store.redis.zadd(store.RUNNING, {job_id: time.time() - 60})
     assert store.stale_running(30) == [job_id]
     assert store.stale_running(30) == []  # claimed: one fresh task per period
-    assert store.finish(job_id, "completed", {}) == "ok"
+    assert store.finish(job_id, "completed") == "ok"
     assert store.redis.zscore(store.RUNNING, job_id) is None
 
 
@@ -330,10 +336,7 @@ def test_a_job_past_its_time_limit_fails_with_job_timeout_and_frees_the_model(re
         store = consumer.store
         store.redis.flushdb()
         job = ModelRequest("r", "a cat", 64, 64, 10_000, 2.5, (1,))
-        job_id = new_job_id()
-        fields = {"id": job_id, "status": "queued", "owner": "-", "created_at": time.time(),
-                  "model": "m", "endpoint": "generations"}  # fmt: skip
-        store.submit(job_id, fields, payload.job_to_bytes(job))
+        job_id, _ = queued(store, payload=job.to_json())
         started = time.monotonic()
         assert consumer.run_image_job(job_id) == "failed"
         took = time.monotonic() - started
@@ -341,9 +344,8 @@ def test_a_job_past_its_time_limit_fails_with_job_timeout_and_frees_the_model(re
         [stream] = model.streams
         assert stream.cancelled.is_set(), "the model's request was not cancelled"
         record = store.get(job_id)
-        assert record["status"] == "failed"
-        error = json.loads(record["error"])
-        assert error["code"] == "job_timeout" and "1.5 s" in error["message"]
+        assert record.status == "failed"
+        assert record.error.code == "job_timeout" and "1.5 s" in record.error.message
     finally:
         consumer._stopped.set()
 

@@ -3,7 +3,6 @@
 import pytest
 
 from serve_app.config import ModelConfig
-from serve_app.http.responses import images_response
 from serve_app.protocol import ImageGenerationRequest
 from serve_app.resolution import (
     build_usage,
@@ -12,6 +11,7 @@ from serve_app.resolution import (
     resolve_generation,
     resolve_quality,
 )
+from serve_app.shapes import images_response
 from tests.conftest import api_error
 
 FLUX = ModelConfig()

@@ -22,7 +22,9 @@ def test_report_smoke(tiny_cache_dir, tmp_path):
         "--size", "64x64", "--steps", "2", "--batch-sizes", "1,2", "--concurrency", "1,2",
         "--max-batch-images", "2", "--seconds", "1.5", "--repeat", "2", "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "SERVE_APP_CACHE": str(cache_root)}
+    # RAY_ADDRESS=local: the tool's `ray.init()` starts its own Ray even where a `ray start`
+    # cluster runs (it would join that one otherwise); moved from tests/unit, which start no Ray.
+    env = {**os.environ, "SERVE_APP_CACHE": str(cache_root), "RAY_ADDRESS": "local"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())

@@ -1,0 +1,273 @@
+"""Per-model settings: weights, sizes, quality presets, speed switches and LoRA adapters."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from serve_app.config.base import StrictModel
+from serve_app.geometry import PATCH, parse_wxh
+
+QualityName = Literal["low", "medium", "high"]
+
+# The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
+KONTEXT_RESOLUTIONS = [
+    "672x1568", "688x1504", "720x1456", "752x1392", "800x1328", "832x1248", "880x1184",
+    "944x1104", "1024x1024", "1104x944", "1184x880", "1248x832", "1328x800", "1392x752",
+    "1456x720", "1504x688", "1568x672",
+]  # fmt: skip
+
+
+def _half_side(resolution: str) -> str:
+    width, height = parse_wxh(resolution)
+    return f"{round(width / 32) * 16}x{round(height / 32) * 16}"
+
+
+# What `source: tiny` changes from the production defaults (explicit fields still win).
+TINY_DEFAULTS: dict[str, Any] = {
+    "quality_steps": {"low": 2, "medium": 4, "high": 8},
+    "default_quality": "medium",
+    "min_side": 64,
+    # Kontext's buckets at half the side (~0.25 MP): the same aspect ratios, CPU-friendly.
+    "preferred_resolutions": [_half_side(r) for r in KONTEXT_RESOLUTIONS],
+}
+
+
+class QualitySteps(StrictModel):
+    """Denoising steps for each OpenAI quality preset."""
+
+    low: int = Field(default=12, ge=1, le=100, description="Steps for `quality=low`.")
+    medium: int = Field(
+        default=20, ge=1, le=100, description="Steps for `quality=medium` (and `standard`)."
+    )
+    high: int = Field(default=28, ge=1, le=100, description="Steps for `quality=high` (and `hd`).")
+
+
+class SpeedConfig(StrictModel):
+    """GPU speed switches, all off by default; each trades something for speed (see README)."""
+
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the transformer's repeated blocks (regional: short compile). "
+        "Each new resolution recompiles once; warm up the sizes you serve.",
+    )
+    quantization: Literal["none", "fp8"] = Field(
+        default="none",
+        description="`fp8`: torchao float8 dynamic quantization of the transformer's linear "
+        "layers (CUDA with compute capability >= 8.9; small quality cost).",
+    )
+    first_block_cache_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Enable diffusers' first-block cache: skip the rest of the transformer on "
+        "steps whose first-block residual changed less than this (FLUX: 0.05-0.12; higher is "
+        "faster and drifts further from the uncached image).",
+    )
+    attention_backend: str | None = Field(
+        default=None,
+        description="diffusers attention dispatcher backend, e.g. `flash`, `_native_cudnn`, "
+        "`sage`; default: PyTorch SDPA.",
+    )
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapters for one model: where they are found, and how many a request and a replica
+    may use. Adapters are `<name>.safetensors` files (diffusers/PEFT or kohya format); a request
+    names them, never a path or URL."""
+
+    dirs: list[str] = Field(
+        default_factory=list,
+        description="Local directories searched in order for `<name>.safetensors` (`~` and "
+        "`$VARS` expand). On a cluster, a directory every node mounts.",
+    )
+    s3_prefix: str | None = Field(
+        default=None,
+        description="`s3://bucket/prefix/` searched after `dirs`; replicas download an adapter "
+        "once per version (ETag) into the cache directory.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint for `s3`."
+    )
+    s3_region: str | None = Field(default=None, description="Region for `s3`.")
+    max_per_request: int = Field(
+        default=3, ge=1, le=16, description="Most adapters one request may combine."
+    )
+    min_scale: float = Field(default=-4.0, description="Smallest allowed adapter `scale`.")
+    max_scale: float = Field(default=4.0, description="Largest allowed adapter `scale`.")
+    max_loaded: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Adapter sets a replica keeps loaded (a set of one is one adapter); "
+        "loading one more unloads the least recently used. Ray Serve routes a request to a "
+        "replica that holds its set.",
+    )
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _check_s3_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"s3://[^/]+/?.*", value):
+            raise ValueError(f"s3_prefix must look like s3://bucket/prefix/, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_scales(self) -> LoraConfig:
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"lora.min_scale {self.min_scale} > max_scale {self.max_scale}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dirs or self.s3_prefix)
+
+
+class ModelConfig(StrictModel):
+    """One served model: where its weights come from and how requests map onto it."""
+
+    id: str = Field(
+        default="black-forest-labs/FLUX.1-Kontext-dev",
+        min_length=1,
+        description="Model id clients name in `model`; also listed by `GET /v1/models`.",
+    )
+    source: str = Field(
+        default="black-forest-labs/FLUX.1-Kontext-dev",
+        min_length=1,
+        description="`tiny` (the embedded random model), `synthetic` (FLUX.1-Kontext-dev's "
+        "architecture with random weights, for measuring speed and memory), a hub id, or a "
+        "local directory.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype; `auto` = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="`auto` = CUDA when available, else CPU."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where the `tiny` model is saved; default `$SERVE_APP_CACHE` or "
+        "`~/.cache/serve_app`.",
+    )
+    default_size: str = Field(default="1024x1024", description="Size used for `size=auto` (`WxH`).")
+    min_side: int = Field(
+        default=256, ge=16, description="Smallest allowed width or height, pixels."
+    )
+    max_side: int = Field(
+        default=2048, ge=16, description="Largest allowed width or height, pixels."
+    )
+    max_pixels: int = Field(
+        default=2048 * 2048, ge=256, description="Largest allowed width x height of one image."
+    )
+    quality_steps: QualitySteps = Field(
+        default_factory=QualitySteps, description="Steps per quality preset."
+    )
+    default_quality: QualityName = Field(
+        default="high", description="Preset used for `quality=auto` (and when `quality` is absent)."
+    )
+    default_guidance: float = Field(
+        default=2.5, ge=0, le=100, description="Guidance scale used when `guidance` is absent."
+    )
+    preferred_resolutions: list[str] = Field(
+        default_factory=lambda: list(KONTEXT_RESOLUTIONS),
+        min_length=1,
+        description="`WxH` buckets: input images are resized to the one nearest their aspect "
+        "ratio before conditioning, and edits/variations with `size=auto` are generated at it.",
+    )
+    variation_prompt: str = Field(
+        default="Create a variation of this image: keep its subject, composition and style, and "
+        "vary the details.",
+        min_length=1,
+        description="Instruction used by `/v1/images/variations`.",
+    )
+    preview_decoder: Literal["latent_rgb", "vae"] = Field(
+        default="latent_rgb",
+        description="Streaming previews: `latent_rgb` projects the denoised-latent estimate to "
+        "RGB linearly (calibrated on the model's VAE at load; ~free, blurry, upscaled) or `vae` "
+        "decodes it fully (exact, costs one VAE decode per preview).",
+    )
+    max_sequence_length: int = Field(
+        default=512,
+        ge=1,
+        le=512,
+        description="T5 text context in tokens; longer prompts get a 400.",
+    )
+    speed: SpeedConfig = Field(default_factory=SpeedConfig, description="Speed options.")
+    cpu_offload: bool = Field(
+        default=False,
+        description="Model CPU offload (CUDA only): fits GPUs under ~40 GB at a large speed cost.",
+    )
+    vae_tiling: bool = Field(
+        default=False, description="Decode in tiles: less memory for large sizes."
+    )
+    vae_slicing: bool = Field(default=False, description="Decode a batch one image at a time.")
+    warmup: bool = Field(
+        default=True,
+        description="Generate once per warm-up size (text-to-image and edit) before the "
+        "replica reports healthy, compiling if `speed.compile`.",
+    )
+    warmup_sizes: list[str] = Field(
+        default_factory=list, description="`WxH` sizes to warm up; default: `default_size`."
+    )
+    max_pipeline_call_s: float = Field(
+        default=900,
+        gt=0,
+        description="A pipeline call running longer than this counts as hung: the replica "
+        "fails its health check and Ray Serve replaces it.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads in the replica; default: the CPUs Ray gave it.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA adapters (off until a source is set)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_defaults(cls, data: Any) -> Any:
+        """The embedded tiny model gets presets that keep CPU generation under a second."""
+        if isinstance(data, dict) and data.get("source") == "tiny":
+            data = {**TINY_DEFAULTS, **data}
+        return data
+
+    @field_validator("default_size")
+    @classmethod
+    def _check_default_size(cls, value: str) -> str:
+        parse_wxh(value)  # ValueError names the expected form
+        return value
+
+    @field_validator("preferred_resolutions", "warmup_sizes")
+    @classmethod
+    def _check_resolutions(cls, values: list[str]) -> list[str]:
+        for value in values:
+            width, height = parse_wxh(value)
+            if width % PATCH or height % PATCH:
+                raise ValueError(f"resolution {value!r} must have sides that are multiples of 16")
+        return values
+
+    @property
+    def resolution_buckets(self) -> list[tuple[int, int]]:
+        return [parse_wxh(r) for r in self.preferred_resolutions]
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ModelConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
+        width, height = parse_wxh(self.default_size)
+        for side in (width, height):
+            if side % PATCH or not self.min_side <= side <= self.max_side:
+                raise ValueError(
+                    f"default_size {self.default_size} must have sides that are multiples of 16 "
+                    f"within [{self.min_side}, {self.max_side}]"
+                )
+        if width * height > self.max_pixels:
+            raise ValueError(f"default_size {self.default_size} exceeds max_pixels")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        """Ray deployment name for this model; YAML `deployments:` entries refer to it."""
+        return "ImageModel-" + re.sub(r"[^A-Za-z0-9_.-]", "-", self.id)
