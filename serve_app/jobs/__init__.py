@@ -5,5 +5,5 @@ job state in Redis (one Lua script per state change), `backend` builds what both
 `objects` turns a record into the wire's job object, `consumer` is the deployment that runs
 queued jobs through the model clients, `webhooks` signs and delivers finished jobs,
 `redis_server` runs the embedded Redis of `serve run`, `queue`/`queue_policy` configure Celery
-and the consumer's autoscaling. Nothing here imports `serve_app.http`.
+and the consumer's autoscaling. Nothing here imports the HTTP package.
 """

@@ -25,6 +25,7 @@ from serve_app.protocol import InputTokensDetails, Usage
 from serve_app.resolution import ResolvedGeneration
 from tests.unit.conftest import solid
 from tests.unit.test_jobs import queued, redis_url  # noqa: F401 - fixtures
+from tests.unit.test_model_client import Stream
 
 
 def non_default(cls, sample) -> None:
@@ -203,20 +204,6 @@ def test_the_lua_scripts_use_only_the_records_names():
 # --- the consumer's run path, with a fake model client -------------------------------------
 
 
-class FakeSyncStream:
-    def __init__(self, events) -> None:
-        self.events, self.cancelled = events, False
-
-    def __iter__(self):
-        for event in self.events:
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 class FakeClient:
     """A model client for the consumer: answers each request like a replica, or fails."""
 
@@ -228,7 +215,7 @@ class FakeClient:
         images = [solid(seed, request) for seed in request.seeds]
         events = [Accepted(5), Progress(1, 2), Progress(2, 2)]
         events.append(self.fail or Completed(GenerationResult(images, 5, [request.n])))
-        return FakeSyncStream(events)
+        return Stream(events)
 
 
 @pytest.fixture
