@@ -136,9 +136,10 @@ class JobRoutes:
 
     def _unavailable(self, exc: BaseException) -> APIError:
         """A 503 for a Redis or broker that cannot be used now; the log keeps the traceback."""
-        logger.warning("jobs unavailable: %s", self.unavailable_reason(exc), exc_info=exc)
+        reason = self.unavailable_reason(exc)
+        logger.warning("jobs unavailable: %s", reason, exc_info=exc)
         return APIError(
-            f"Asynchronous jobs are unavailable: {self.unavailable_reason(exc)}. Synchronous "
+            f"Asynchronous jobs are unavailable: {reason}. Synchronous "
             "requests still work; retry later.",
             status=503,
             code="jobs_unavailable",
