@@ -77,7 +77,6 @@ class SlowReceiver:
         self.drip_s = drip_s
         self.spans: list[list[float]] = []
         self.open_now = 0
-        self.most_open = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -97,7 +96,6 @@ class SlowReceiver:
         with self._lock:
             self.spans.append(span)
             self.open_now += 1
-            self.most_open = max(self.most_open, self.open_now)
         answer = b"HTTP/1.1 200 OK\r\n" * 1000
         try:
             conn.recv(65536)
@@ -266,7 +264,11 @@ def test_slow_receivers_do_not_delay_another_hosts_webhook(monkeypatch, resolve,
     assert slow.open_now >= 1  # ... while the slow ones were still dripping
     # every slow attempt ends at its deadline (two at a time: max_per_host), as a failure
     assert sorted(take(results, 5, timeout_s=10)) == ["delivered"] + ["failed"] * 4
-    assert slow.most_open == 2 and len(slow.finished(4)) == 4
+    # Two at a time, judged by when each connection opened: the receiver notices a client's close
+    # only when its thread next runs, so counting open sockets races on a busy machine.
+    opened = sorted(start for start, _ in slow.finished(4))
+    assert len(opened) == 4 and opened[1] - opened[0] < 1.0, "two slow attempts should start at once"
+    assert opened[2] - opened[0] >= 1.5, "a third attempt started before a per-host slot was freed"
     for opened, closed in slow.spans:
         assert 1.8 < closed - opened < 2.8, "an attempt outlived timeout_s"
 
