@@ -35,4 +35,13 @@ def apply_speed_options(transformer, speed: SpeedConfig) -> None:
 
         transformer.enable_cache(FirstBlockCacheConfig(threshold=speed.first_block_cache_threshold))
     if speed.compile:
-        transformer.compile_repeated_blocks(fullgraph=True)
+        cache_enabled = speed.first_block_cache_threshold is not None
+        compile_transformer(transformer, cache_enabled)
+
+
+def compile_transformer(transformer, cache_enabled: bool) -> None:
+    """Regional compile of the repeated blocks. The first-block cache's hook decides per step
+    whether to run the remaining blocks and is `torch.compiler.disable()`d, which a full graph
+    cannot inline (`Unsupported: Skip inlining ...` at the first call), so with the cache on
+    each block compiles with graph breaks allowed around the hook."""
+    transformer.compile_repeated_blocks(fullgraph=not cache_enabled)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.contract import ModelRequest
+from serve_app.contract import AdapterRef, ModelRequest
 from serve_app.engine import FluxEngine, ModelLoadError
 
 STEPS = 8
@@ -17,10 +17,11 @@ def load(tiny_cache_dir, **fields) -> FluxEngine:
     return engine
 
 
-def generate(engine: FluxEngine) -> np.ndarray:
+def generate(engine: FluxEngine, adapters: tuple[AdapterRef, ...] = ()) -> np.ndarray:
     job = ModelRequest(
-        request_id="t", prompt="a cat", width=128, height=128, steps=STEPS, guidance=2.5, seeds=(1,)
-    )
+        request_id="t", prompt="a cat", width=128, height=128, steps=STEPS, guidance=2.5,
+        seeds=(1,), adapters=adapters,
+    )  # fmt: skip
     [[image]] = engine.generate([job])
     return np.asarray(image).astype(np.int16)
 
@@ -65,6 +66,33 @@ def test_regional_compile_matches_eager(tiny_cache_dir, plain):
     assert all(block._compiled_call_impl is not None for block in blocks)
     compiled = generate(engine)
     assert np.abs(compiled - plain).max() <= 2
+
+
+def test_every_switch_a_cpu_config_allows_at_once_matches_eager(tiny_cache_dir, tmp_path):
+    """compile + first-block cache + an attention backend + the VAE memory switches + LoRA
+    adapters switched between calls: each pair crashed or not is only known combined (compile
+    with the cache did crash). Compared with an eager engine with the same cache and adapters."""
+    from serve_app.lora_synthetic import write_adapter
+
+    cache = {"first_block_cache_threshold": 0.3}
+    fast = load(
+        tiny_cache_dir,
+        speed={**cache, "compile": True, "attention_backend": "_native_math"},
+        vae_tiling=True,
+        vae_slicing=True,
+    )
+    eager = load(tiny_cache_dir, speed=cache)
+    path = tmp_path / "a.safetensors"
+    write_adapter(eager.pipe.transformer, path, seed=1)
+    for engine in (fast, eager):
+        engine.add_adapter("a", engine.read_adapter("a", str(path)))
+    images = []
+    for adapters in [(), (AdapterRef("a", 1.0),), ()]:  # each switch recompiles the blocks
+        image = generate(fast, adapters)
+        assert np.abs(image - generate(eager, adapters)).max() <= 2, adapters
+        images.append(image)
+    assert np.abs(images[1] - images[0]).max() > 2, "the adapter changed nothing"
+    assert np.array_equal(images[2], images[0]), "the adapter was not switched off again"
 
 
 def test_attention_backend_selection(tiny_cache_dir, plain):
