@@ -23,16 +23,19 @@ PY
 }
 
 CORE="diffusers pydantic pydantic-core annotated-types typing-inspection typing-extensions"
-# torchao 0.18 is the release built for the lent machine's torch 2.11.
+# torchao 0.18 is the release built for the lent machine's torch 2.11 (it needs torch >= 2.11 and
+# CUDA 13 for its compiled parts); gpu-check.sh installs it in a folder of its own and uses it
+# only if it imports there, else the fp8 rows are skipped saying why.
 PINNED="torchao==0.18.0"
 # What `ray.serve` and the app import beyond the GPU machine's packages (its list: the device
-# tool's KINDS.md); ray itself is trimmed below.
+# tool's KINDS.md); ray itself is trimmed below. redis: the ingress's job routes import it even
+# with jobs off (the bench's app turns them off, so Celery and Ray's task consumer stay out).
 SERVE="starlette fastapi uvicorn aiohttp-cors colorful opencensus opencensus-context
     google-api-core googleapis-common-protos proto-plus smart-open watchfiles jsonschema
     jsonschema-specifications referencing rpds-py platformdirs
     mmh3 opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-exporter-prometheus
     opentelemetry-semantic-conventions importlib-metadata grpcio-reflection pydantic-settings
-    python-multipart"
+    python-multipart redis"
 
 specs=()
 for name in $CORE; do specs+=("$name$(version "$name")"); done

@@ -216,8 +216,7 @@ class FluxEngine:
     def measure_memory(self, probe: MemoryProbe) -> tuple[MemoryFit, tuple[int, int]]:
         """Peak memory of edit calls (the larger kind: conditioning doubles the tokens) of one
         and two images at the largest warm-up size, fitted to a line (`memory_fit`)."""
-        sizes = [parse_wxh(size) for size in self.config.warmup_sizes or [self.config.default_size]]
-        width, height = max(sizes, key=lambda size: size[0] * size[1])
+        width, height = self._largest_warmup_size()
         bucket = nearest_resolution(width, height, self.config.resolution_buckets)
         canvas = Image.new("RGB", bucket, "gray")
         peaks = []
@@ -230,6 +229,47 @@ class FluxEngine:
         fit = fit_memory(peaks[0], peaks[1], width * height, probe.capacity_bytes())
         logger.info("Memory of %s: %s", self.config.id, fit.describe(width, height))
         return fit, (width, height)
+
+    def planned_memory(
+        self, capacity_bytes: int, plan: dict | None = None
+    ) -> tuple[MemoryFit | None, tuple[int, int]]:
+        """The fit `python -m serve_app.bench plan` predicted for this model (the committed
+        `serve_app/data/memory_plan.json` unless `plan` is given) at the largest warm-up size,
+        for a 1-image edit (the kind `measure_memory` measures) with these weights and, when
+        LoRA is on, a rank-32 adapter. None when the plan is of another architecture or lacks
+        the case, or when the config runs what the plan does not model: weights offloaded to
+        the CPU, a 4-byte dtype, a sliced or tiled VAE (then the replica measures)."""
+        from serve_app import memory_plan
+
+        width, height = self._largest_warmup_size()
+        config = self.config
+        if (
+            config.cpu_offload
+            or config.vae_slicing
+            or config.vae_tiling
+            or self.dtype not in (torch.bfloat16, torch.float16)
+        ):
+            return None, (width, height)
+        plan = plan if plan is not None else memory_plan.load_plan(memory_plan.COMMITTED_PLAN)
+        transformer = dict(self.pipe.transformer.config)
+        planned = plan.get("architecture", {})
+        if not planned or any(transformer.get(key) != value for key, value in planned.items()):
+            return None, (width, height)
+        weights = "fp8" if self.config.speed.quantization == "fp8" else "bf16"
+        lora_rank = memory_plan.LORA_RANK if self.config.lora.enabled else 0
+        fit = memory_plan.planned_fit(
+            plan, "edits-1", width, height, weights, lora_rank, capacity_bytes
+        )
+        if fit is not None:
+            logger.info(
+                "Planned memory of %s (%s, LoRA rank %d): %s",
+                self.config.id, weights, lora_rank, fit.describe(width, height),
+            )  # fmt: skip
+        return fit, (width, height)
+
+    def _largest_warmup_size(self) -> tuple[int, int]:
+        sizes = [parse_wxh(size) for size in self.config.warmup_sizes or [self.config.default_size]]
+        return max(sizes, key=lambda size: size[0] * size[1])
 
     @property
     def loaded(self) -> bool:

@@ -57,6 +57,15 @@ def fit_memory(
     )
 
 
+def one_image_per_call(width: int, height: int, capacity_bytes: int) -> MemoryFit:
+    """A fit that allows exactly one `width` x `height` image per call (and no more pixels)."""
+    return MemoryFit(
+        base_bytes=0,
+        bytes_per_pixel=capacity_bytes * HEADROOM / (1.5 * width * height),
+        capacity_bytes=capacity_bytes,
+    )
+
+
 def batch_limit(
     fit: MemoryFit | None, requested: int | None, default: int, width: int, height: int
 ) -> int:

@@ -44,7 +44,7 @@ from serve_app.contract import (
     StreamEvent,
 )
 from serve_app.lora import ReplicaAdapters
-from serve_app.memory_fit import MemoryFit, batch_limit
+from serve_app.memory_fit import MemoryFit, batch_limit, one_image_per_call
 from serve_app.metrics import ModelMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -120,11 +120,11 @@ class ImageModel:
             from serve_app.engine import CudaMemoryProbe
 
             memory_probe = CudaMemoryProbe()
-        # On a GPU: how big a call fits, measured once; caps max_batch_images (memory_fit.py).
+        # On a GPU: how big a call fits; caps max_batch_images (memory_fit.py).
         self.memory_fit: MemoryFit | None = None
         self._fit_size = (0, 0)
         if memory_probe:
-            self.memory_fit, self._fit_size = self.engine.measure_memory(memory_probe)
+            self.memory_fit, self._fit_size = self._fit_memory(memory_probe)
         # The pipeline is not thread-safe: one worker runs every call in order.
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         defaults = BatchingConfig()
@@ -142,6 +142,29 @@ class ImageModel:
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
         )
+
+    def _fit_memory(self, probe: Any) -> tuple[MemoryFit | None, tuple[int, int]]:
+        """Measured at warm-up when it runs (the measurement wins); without a warm-up, the
+        plan's prediction for this GPU (`bench plan`) where one applies, else measured. A
+        measurement that runs out of memory (its 2-image call: warm-up ran one) leaves one
+        image per call: the GPU has just shown that the plan, or any guess, is too large."""
+        import torch
+
+        planned, size = self.engine.planned_memory(probe.capacity_bytes())
+        if planned is not None and not self.config.warmup:
+            return planned, size
+        try:
+            return self.engine.measure_memory(probe)
+        except torch.OutOfMemoryError as exc:
+            message = str(exc).splitlines()[0]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # outside the handler: its traceback held the activations
+        fit = one_image_per_call(*size, probe.capacity_bytes())
+        logger.warning(
+            "Measuring memory of %s ran out of memory (%s): %s", self.config.id, message,
+            fit.describe(*size),
+        )  # fmt: skip
+        return fit, size
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply batching knobs from the deployment's `user_config` (live, no restart).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve_app.bench import gpu, load, report
+from serve_app.bench import gpu, load, modes, plan, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     report_parser = commands.add_parser("report", help=report.__doc__.splitlines()[0])
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
+    modes_parser = commands.add_parser("modes", help=modes.__doc__.splitlines()[0])
+    modes.add_arguments(modes_parser)
+    modes_parser.set_defaults(run=modes.run)
+    plan_parser = commands.add_parser("plan", help=plan.__doc__.splitlines()[0])
+    plan.add_arguments(plan_parser)
+    plan_parser.set_defaults(run=plan.run)
     args = parser.parse_args(argv)
     args.run(args)
     return 0

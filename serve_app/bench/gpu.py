@@ -2,17 +2,22 @@
 serve_app.bench gpu` (what `scripts/gpu-check.sh` runs on a lent GPU).
 
 In-process (no Ray, no HTTP): the engine the model deployment runs, at the size and steps asked,
-text-to-image and a single-image edit. Steps, in order of importance, each skipped with the reason
+text-to-image and a single-image edit. Steps, headline rows first, each skipped with the reason
 once the time budget could not hold it:
 
-1. plain: the dtype's eager path, then batches of text-to-image at the large and small sizes;
-   then LoRA: a first adapter load (read, inject), seconds per image with it, and the cost of
-   switching adapter sets between calls (then the adapters are unloaded again);
-2. switches that can be undone on the same weights: first-block cache, each attention backend;
-3. compile (regional, in place, so last on these weights);
-4. fp8 + compile on freshly built weights, then with the first-block cache too (the best
-   combination).
+1. plain: the dtype's eager path (bf16 on a GPU);
+2. compile: regional compile of the same weights, in place (`speed.compile_transformer`);
+3. fp8-compile: fp8 + compile on freshly built weights, as `speed.quantization: fp8` and
+   `speed.compile: true` load them;
+4. then, on fresh plain weights: batches of text-to-image at the large and small sizes; LoRA (a
+   first adapter load: read, inject; seconds per image with it; the cost of switching adapter
+   sets between calls); the first-block cache; each attention backend (each undone after);
+5. fp8-compile-cache: fp8 + the first-block cache + compile, loaded as the engine loads that
+   config (the cache is enabled before compiling, with graph breaks allowed around its hook).
 
+Every estimate comes from this run's own measurements: the plain seconds per image predict the
+eager steps, the compile time measured in `compile` predicts the fp8 compile, the fp8 row's
+load and compile predict the last row; before anything is measured a stated prior is used.
 Every measurement warms its exact shape up first (a short call; for compile, the compilation)
 and records the peak GPU memory of its timed calls. Results are written after every step.
 """
@@ -20,8 +25,10 @@ and records the peak GPU memory of its timed calls. Results are written after ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
+import importlib.util
 import json
 import statistics
 import time
@@ -47,16 +54,22 @@ ATTENTION_BACKENDS = (
 )
 STEPS = (
     "plain",
+    "compile",
+    "fp8-compile",
     "batches",
     "lora",
     "cache",
     "attention",
-    "compile",
-    "fp8-compile",
     "fp8-compile-cache",
 )
 CACHE_THRESHOLD = 0.08
-COMPILE_ESTIMATE_S = 200  # regional compiles of FLUX's blocks for both shapes on an H100
+# Compile seconds (both shapes) assumed until this run has measured one: FLUX's regional compile
+# on an H100 took minutes in the worst report, the tiny model's on a CPU tens of seconds.
+COMPILE_PRIOR_S = {"cuda": 150.0, "cpu": 60.0}
+FP8_COMPILE_FACTOR = 1.3  # fp8's quantized linears give inductor more to compile than bf16's
+LOAD_FP8_FACTOR = 1.5  # an fp8 load: the plain load, then a quantizing pass over the weights
+MARGIN = 1.15  # on every estimate: timing noise, allocator warm-up
+LORA_EXTRA_S = 10.0  # writing, reading and injecting two rank-32 adapters (synthetic files)
 LORA_RANK = 32  # typical of published FLUX LoRAs (16-64), on every attention projection
 
 
@@ -75,7 +88,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only", default=",".join(STEPS), help=f"comma-separated steps, from: {', '.join(STEPS)}"
     )
+    parser.add_argument(
+        "--fp8-unavailable",
+        default=None,
+        metavar="REASON",
+        help="skip the fp8 rows with this reason (gpu-check.sh: torchao does not import here)",
+    )
     parser.add_argument("--out", default="results/gpu.json", help="JSON results; .md beside it")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Seconds a step is expected to take, and what that figure rests on (shown when skipped)."""
+
+    seconds: float
+    basis: str
+
+    def __add__(self, other: Estimate) -> Estimate:
+        basis = " + ".join(b for b in (self.basis, other.basis) if b)
+        return Estimate(self.seconds + other.seconds, basis)
+
+
+NOTHING = Estimate(0.0, "")
+
+
+@dataclasses.dataclass
+class Speeds:
+    """Measured seconds per image of one configuration, text-to-image and edit."""
+
+    t2i_s: float
+    edit_s: float
+    label: str
 
 
 class Bench:
@@ -90,11 +133,17 @@ class Bench:
         self.peak_tflops = args.peak_tflops or peak_tflops(self.machine.get("gpu"))
         self.rows: list[dict] = []
         self.engine: FluxEngine | None = None
+        self.weights: str | None = None  # what the engine holds: plain, compiled, fp8...
         self.flops: dict[tuple[int, int, int], int] = {}
-        self.t2i_s: float | None = None  # plain text-to-image seconds, to estimate the rest
+        # This run's measurements, to estimate the steps after them.
+        self.load_s: float | None = None  # the last load
+        self.plain_load_s: float | None = None
+        self.speeds: dict[str, Speeds] = {}  # plain, compile, fp8-compile
+        self.compile_s: dict[str, float] = {}  # compile, fp8-compile: compile seconds measured
+        self.fp8_load_s: float | None = None
 
     # -- engine ---------------------------------------------------------------------------
-    def load(self, **speed) -> None:
+    def load(self, weights: str = "plain", **speed) -> None:
         from serve_app.config import ModelConfig, SpeedConfig
         from serve_app.engine import FluxEngine
 
@@ -114,7 +163,14 @@ class Bench:
         started = time.perf_counter()
         engine.load()
         self.load_s = round(time.perf_counter() - started, 2)
-        self.engine = engine
+        self.engine, self.weights = engine, weights
+        if weights == "plain" and self.plain_load_s is None:
+            self.plain_load_s = self.load_s
+
+    def use_plain(self) -> None:
+        """Eager weights with no switch on (reloaded after compile or fp8 replaced them)."""
+        if self.weights != "plain":
+            self.load()
 
     @property
     def loaded(self) -> FluxEngine:
@@ -125,7 +181,7 @@ class Bench:
     def unload(self) -> None:
         import torch
 
-        self.engine = None
+        self.engine, self.weights = None, None
         torch._dynamo.reset()  # compiled code holds on to the modules it was compiled for
         gc.collect()
         if torch.cuda.is_available():
@@ -145,16 +201,18 @@ class Bench:
         return bench_job(self.config, f"{width}x{height}", self.args.steps, n, prompt, canvas)
 
     def time_job(self, job) -> dict:
-        """Warm the shape up with a 2-step call, then time `repeat` calls: median seconds per
-        image, peak GPU memory, and model FLOP utilisation where the GPU's peak is known."""
-        import dataclasses
-
+        """Warm the shape up with a 2-step call (compiling, where compiled), then time `repeat`
+        calls: median seconds per image, the warm-up's seconds, peak GPU memory, and model FLOP
+        utilisation where the GPU's peak is known."""
         import torch
 
-        self.loaded.generate([dataclasses.replace(job, steps=2)])
         cuda = torch.cuda.is_available()
+        started = time.perf_counter()
+        self.loaded.generate([dataclasses.replace(job, steps=2)])
         if cuda:
             torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - started
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(self.args.repeat):
@@ -164,7 +222,7 @@ class Bench:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         seconds = statistics.median(times) / job.n
-        result = {"s_per_image": round(seconds, 4)}
+        result = {"s_per_image": round(seconds, 4), "warmup_s": round(warmup_s, 2)}
         result["peak_memory_gib"] = (
             round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
         )
@@ -194,18 +252,102 @@ class Bench:
             )
         return self.flops[key] * job.steps
 
+    # -- estimates (from what this run measured so far) -----------------------------------
+    @property
+    def device(self) -> str:
+        return "cuda" if self.machine.get("gpu") else "cpu"
+
+    def work(self, speeds: Speeds | None, t2i: float = 1, edit: float = 1) -> Estimate:
+        """`t2i` text-to-images and `edit` edits at `speeds`, `repeat` timed calls and a 2-step
+        warm-up each."""
+        if speeds is None:
+            return Estimate(0.0, "no plain measurement")
+        per_call = t2i * speeds.t2i_s + edit * speeds.edit_s
+        calls = self.args.repeat + 2 / self.args.steps
+        return Estimate(
+            per_call * calls * MARGIN,
+            f"{t2i:g} t2i + {edit:g} edit at {speeds.label} "
+            f"{speeds.t2i_s:.1f}/{speeds.edit_s:.1f} s",
+        )
+
+    def reload_plain(self) -> Estimate:
+        if self.weights == "plain" or self.plain_load_s is None:
+            return NOTHING
+        return Estimate(self.plain_load_s * MARGIN, f"reload {self.plain_load_s:.0f} s")
+
+    def compile_estimate(self, measured_in: str = "compile", factor: float = 1.0) -> Estimate:
+        if measured_in in self.compile_s:
+            seconds = self.compile_s[measured_in]
+            return Estimate(
+                seconds * factor * MARGIN,
+                f"compile {seconds:.0f} s measured in {measured_in}"
+                + (f" x{factor:g}" if factor != 1 else ""),
+            )
+        if "compile" in self.compile_s:
+            return self.compile_estimate("compile", FP8_COMPILE_FACTOR)
+        prior = COMPILE_PRIOR_S[self.device] * factor
+        return Estimate(prior, f"compile prior {prior:.0f} s (none measured yet)")
+
+    def estimate_compile(self) -> Estimate:
+        return self.work(self.speeds.get("plain")) + self.compile_estimate()
+
+    def estimate_fp8(self) -> Estimate:
+        load = NOTHING
+        if self.plain_load_s is not None:
+            seconds = self.plain_load_s * LOAD_FP8_FACTOR
+            load = Estimate(seconds, f"load {seconds:.0f} s (plain x{LOAD_FP8_FACTOR:g})")
+        compiled = self.speeds.get("compile") or self.speeds.get("plain")
+        return load + self.compile_estimate("compile", FP8_COMPILE_FACTOR) + self.work(compiled)
+
+    def estimate_fp8_cache(self) -> Estimate:
+        if self.fp8_load_s is None:  # fp8-compile not measured: the same guess as for it
+            return self.estimate_fp8()
+        load = Estimate(self.fp8_load_s * MARGIN, f"load {self.fp8_load_s:.0f} s (fp8 row)")
+        speeds = self.speeds.get("fp8-compile") or self.speeds.get("plain")
+        return load + self.compile_estimate("fp8-compile") + self.work(speeds)
+
+    def batch_estimate(self, size: tuple[int, int], n: int) -> Estimate:
+        """`n` text-to-images at `size`: the plain full-size seconds scaled by tokens."""
+        plain = self.speeds.get("plain")
+        if plain is None:
+            return Estimate(0.0, "no plain measurement")
+        text = self.config.max_sequence_length
+
+        def tokens(wh: tuple[int, int]) -> float:
+            return wh[0] * wh[1] / 256 + text
+
+        scale = tokens(size) / tokens(self.size)
+        seconds = n * plain.t2i_s * scale * (self.args.repeat + 2 / self.args.steps) * MARGIN
+        return Estimate(seconds, f"{n} x {plain.t2i_s * scale:.1f} s")
+
+    def estimate_batches(self) -> Estimate:
+        seconds = sum(
+            self.batch_estimate(size, n).seconds
+            for size, counts in self.batch_series()
+            for n in self.batch_sizes(counts)
+        )
+        return self.reload_plain() + Estimate(seconds, "batches at plain s/image by tokens")
+
     # -- steps ----------------------------------------------------------------------------
     def step(
-        self, name: str, estimate_s: float, run: Callable[[], dict], needed: bool = False
+        self,
+        name: str,
+        estimate: Callable[[], Estimate],
+        run: Callable[[], dict],
+        skip: str | None = None,
     ) -> None:
-        """Run one step unless the budget cannot hold its estimate; record whatever happens.
-        `needed`: run it even when not selected, because a selected step builds on it."""
-        row: dict = {"step": name}
-        if name.split(":")[0] not in self.only and not needed:
+        """Run one step unless `skip` (the reason) or the budget cannot hold its estimate;
+        record whatever happens."""
+        if name.split(":")[0] not in self.only:
             return
-        if self.budget.left() < estimate_s:
+        row: dict = {"step": name}
+        expected = estimate() if skip is None else NOTHING
+        if skip is not None:
+            row["skipped"] = skip
+        elif self.budget.left() < expected.seconds:
             row["skipped"] = (
-                f"time budget: {self.budget.left():.0f}s left, needs ~{estimate_s:.0f}s"
+                f"time budget: {self.budget.left():.0f}s left, needs ~{expected.seconds:.0f}s "
+                f"({expected.basis})"
             )
         else:
             started = time.perf_counter()
@@ -214,91 +356,135 @@ class Bench:
             except Exception as exc:  # noqa: BLE001 - a step failing here is a result too
                 row["error"] = f"{type(exc).__name__}: {exc}"[:400]
             row["wall_s"] = round(time.perf_counter() - started, 1)
+            row["estimate_s"] = round(expected.seconds, 1)
         self.rows.append(row)
         self.write()
 
-    def switch(self, setup: Callable[[], object] | None = None) -> Callable[[], dict]:
-        """A measurement of text-to-image and an edit with the switch `setup` turns on."""
+    def measure(self, label: str | None = None) -> dict:
+        """Text-to-image and an edit at the full size on the loaded weights; `label`: remember
+        the speeds (and any compile seconds in the warm-ups) to estimate later steps."""
+        row = {"text_to_image": self.time_job(self.job(self.size))}
+        row["edit"] = self.time_job(self.job(self.size, edit=True))
+        if label is not None:
+            t2i, edit = row["text_to_image"], row["edit"]
+            self.speeds[label] = Speeds(t2i["s_per_image"], edit["s_per_image"], label)
+        return row
 
-        def run() -> dict:
-            if setup is not None:
-                setup()
-            row = {"text_to_image": self.time_job(self.job(self.size))}
-            row["edit"] = self.time_job(self.job(self.size, edit=True))
-            return row
-
-        return run
-
-    def estimate(self, images: float = 3.3, extra_s: float = 0.0) -> float:
-        """Seconds for `images` full-size text-to-images (an edit is ~2.3), warm-ups included."""
-        if self.t2i_s is None:
-            return 0.0
-        return self.t2i_s * images * 1.15 + extra_s
+    def measure_compiled(self, label: str) -> dict:
+        """`measure`, and the compile seconds: the warm-ups less what 2 steps take compiled."""
+        row = self.measure(label)
+        warm = sum(row[kind]["warmup_s"] for kind in ("text_to_image", "edit"))
+        two_steps = sum(row[kind]["s_per_image"] for kind in ("text_to_image", "edit"))
+        row["compile_s"] = round(max(warm - two_steps * 2 / self.args.steps, 0.0), 1)
+        self.compile_s[label] = row["compile_s"]
+        return row
 
     def run(self) -> dict:
-        import torch
-
         self.only = {s.strip() for s in self.args.only.split(",") if s.strip()}
         unknown = self.only - set(STEPS)
         if unknown:
             raise SystemExit(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
-        cuda = torch.cuda.is_available()
-        compile_s = COMPILE_ESTIMATE_S if cuda else 60
+        fp8_skip = self.fp8_unavailable()
 
         self.load()
-        self.step("plain", 0, self.plain)
+        self.step("plain", lambda: NOTHING, self.plain)
+        self.step("compile", self.estimate_compile, self.compile)
+        self.step("fp8-compile", self.estimate_fp8, self.fp8_compile, fp8_skip)
+        self.step("batches", self.estimate_batches, self.batches)
         self.step(
-            "batches", self.estimate(sum(self.batch_sizes(self.args.batches)) + 4), self.batches
+            "lora",
+            lambda: (
+                self.reload_plain()
+                + self.work(self.speeds.get("plain"), 1, 0)
+                + Estimate(LORA_EXTRA_S, "adapters")
+            ),
+            self.lora,
         )
-        self.step("lora", self.estimate(2.5, 10), self.lora)
-        self.switches_on_plain_weights(compile_s)
-        if {"fp8-compile", "fp8-compile-cache"} & self.only:
-            needed = "fp8-compile-cache" in self.only  # it runs on the fp8 weights
-            self.step("fp8-compile", self.estimate(2, compile_s + 30), self.fp8, needed)
-            if self.engine is not None and self.engine.config.speed.quantization == "fp8":
-                self.step(
-                    "fp8-compile-cache",
-                    self.estimate(1.5, 60),
-                    self.switch(lambda: _enable_cache(self.loaded.pipe.transformer)),
-                )
+        self.step(
+            "cache",
+            lambda: self.reload_plain() + self.work(self.speeds.get("plain")),
+            self.cache,
+        )
+        for backend in ATTENTION_BACKENDS:
+            self.step(
+                f"attention:{backend}",
+                lambda: self.reload_plain() + self.work(self.speeds.get("plain")),
+                self.attention(backend),
+            )
+        fp8_row = next((r for r in self.rows if r["step"] == "fp8-compile"), None)
+        if fp8_skip is None and fp8_row is not None and "error" in fp8_row:
+            fp8_skip = f"fp8-compile failed: {fp8_row['error'][:200]}"
+        self.step("fp8-compile-cache", self.estimate_fp8_cache, self.fp8_compile_cache, fp8_skip)
         self.unload()
         print(self.table())
         print(f"\nwrote {self.args.out} and {Path(self.args.out).with_suffix('.md')}")
         return self.result()
 
-    def switches_on_plain_weights(self, compile_s: float) -> None:
-        """Cache and attention backends (undone after each), then compile (in place, last).
-        A method, so nothing keeps these weights once the engine lets them go."""
-        transformer = self.loaded.pipe.transformer
-        self.step("cache", self.estimate(2), self.switch(lambda: _enable_cache(transformer)))
-        if transformer.is_cache_enabled:
-            transformer.disable_cache()
-        for backend in ATTENTION_BACKENDS:
-            setup = lambda backend=backend: transformer.set_attention_backend(backend)  # noqa: E731
-            self.step(f"attention:{backend}", self.estimate(), self.switch(setup))
-            transformer.set_attention_backend("native")
-        self.step("compile", self.estimate(2.5, compile_s), self.switch(self.compile))
+    def fp8_unavailable(self) -> str | None:
+        """Why the fp8 rows cannot run here, or None."""
+        if self.args.fp8_unavailable:
+            return self.args.fp8_unavailable
+        import torch
+
+        if not torch.cuda.is_available():
+            return "fp8 needs a CUDA GPU (torchao float8, compute capability >= 8.9); none here"
+        major, minor = torch.cuda.get_device_capability(0)
+        if (major, minor) < (8, 9):
+            return f"fp8 needs compute capability >= 8.9; this GPU has {major}.{minor}"
+        if importlib.util.find_spec("torchao") is None:
+            return "fp8 needs torchao, which is not installed here"
+        return None
 
     def plain(self) -> dict:
-        row = {"load_s": self.load_s, **self.switch()()}
-        self.t2i_s = row["text_to_image"]["s_per_image"]
-        return row
+        self.use_plain()
+        return {"load_s": self.load_s, **self.measure("plain")}
+
+    def compile(self) -> dict:
+        """Regional compile of the plain weights, in place, as `speed.compile: true` does."""
+        from serve_app.speed import compile_transformer
+
+        self.use_plain()
+        compile_transformer(self.loaded.pipe.transformer, cache_enabled=False)
+        self.weights = "compiled"
+        return self.measure_compiled("compile")
+
+    def fp8_compile(self) -> dict:
+        self.load("fp8", quantization="fp8", compile=True)
+        self.fp8_load_s = self.load_s
+        return {"load_s": self.load_s, **self.measure_compiled("fp8-compile")}
+
+    def fp8_compile_cache(self) -> dict:
+        """Loaded as the engine loads this config: the cache is enabled before the compile
+        (`compile_transformer(cache_enabled=True)`: graph breaks around the cache's hook)."""
+        self.load(
+            "fp8-cache",
+            quantization="fp8",
+            compile=True,
+            first_block_cache_threshold=CACHE_THRESHOLD,
+        )
+        return {"load_s": self.load_s, **self.measure_compiled("fp8-compile-cache")}
+
+    def batch_series(self) -> list[tuple[tuple[int, int], str]]:
+        return [(self.size, self.args.batches), (self.small_size, self.args.small_batches)]
 
     def batch_sizes(self, text: str) -> list[int]:
         return [int(n) for n in text.split(",") if n.strip()]
 
     def batches(self) -> dict:
+        self.use_plain()
         series = {}
-        for size, counts in (
-            (self.size, self.args.batches),
-            (self.small_size, self.args.small_batches),
-        ):
+        for size, counts in self.batch_series():
             rows: list[dict] = []
             for n in self.batch_sizes(counts):
-                if rows and self.budget.left() < self.estimate(
-                    n * size[0] * size[1] / (self.size[0] * self.size[1])
-                ):
-                    rows.append({"n": n, "skipped": "time budget"})
+                expected = self.batch_estimate(size, n)
+                if rows and self.budget.left() < expected.seconds:
+                    rows.append(
+                        {
+                            "n": n,
+                            "skipped": f"time budget: {self.budget.left():.0f}s left, needs "
+                            f"~{expected.seconds:.0f}s ({expected.basis})",
+                        }
+                    )
                     continue
                 measured = {"n": n, **self.time_job(self.job(size, n))}
                 if rows and "s_per_image" in rows[0]:
@@ -312,12 +498,12 @@ class Bench:
     def lora(self) -> dict:
         """Two rank-32 adapters: first load (read + inject), s/image with one, and the time to
         switch sets between calls (activating another set, or none)."""
-        import dataclasses
         import tempfile
 
         from serve_app.contract import AdapterRef
         from serve_app.lora_synthetic import write_adapter
 
+        self.use_plain()
         engine = self.loaded
         row: dict = {"rank": LORA_RANK}
         with tempfile.TemporaryDirectory() as folder:
@@ -344,18 +530,28 @@ class Bench:
         engine.remove_adapters(["bench-a", "bench-b"])
         return row
 
-    def compile(self) -> None:
-        self.loaded.pipe.transformer.compile_repeated_blocks(fullgraph=True)
-
-    def fp8(self) -> dict:
-        from serve_app.engine import ModelLoadError
-
+    def cache(self) -> dict:
+        """The first-block cache on the eager weights (disabled again after)."""
+        self.use_plain()
+        transformer = self.loaded.pipe.transformer
+        _enable_cache(transformer)
         try:
-            self.load(quantization="fp8", compile=True)
-        except ModelLoadError as exc:
-            self.unload()
-            return {"error": str(exc)}
-        return {"load_s": self.load_s, **self.switch()()}
+            return self.measure()
+        finally:
+            if transformer.is_cache_enabled:
+                transformer.disable_cache()
+
+    def attention(self, backend: str) -> Callable[[], dict]:
+        def run() -> dict:
+            self.use_plain()
+            transformer = self.loaded.pipe.transformer
+            try:
+                transformer.set_attention_backend(backend)
+                return self.measure()
+            finally:
+                transformer.set_attention_backend("native")
+
+        return run
 
     # -- output ---------------------------------------------------------------------------
     def result(self) -> dict:

@@ -64,13 +64,15 @@ def table(rows: list[dict], machine: dict, args, peak_tflops: float | None) -> s
         mfu = f"{_cell(t2i, 'mfu', 2)} / {_cell(edit, 'mfu', 2)}" if t2i else "—"
         if "load_s" in row:
             note = (note + f" load {row['load_s']:.0f} s").strip()
+        if "compile_s" in row:
+            note = (note + f" compile {row['compile_s']:.0f} s").strip()
         if "first_load_s" in row:
             note = (
                 f"{note} rank-{row['rank']} adapter: first load {row['first_load_s']:.2f} s "
                 f"(read {row['read_s']:.2f}, inject {row['inject_s']:.2f}); switching sets "
                 f"between calls {row['switch_ms']:.1f} ms"
             ).strip()
-        note = note.replace("|", "/").replace("\n", " ")[:160]
+        note = note.replace("|", "/").replace("\n", " ")[:200]
         lines.append(
             f"| {row['step']} | {_cell(t2i)} | {_cell(edit)} | {speedup} | "
             f"{'—' if peak is None else f'{peak:.1f}'} | {mfu} | {note} |"

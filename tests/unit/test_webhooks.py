@@ -267,7 +267,9 @@ def test_slow_receivers_do_not_delay_another_hosts_webhook(monkeypatch, resolve,
     # Two at a time, judged by when each connection opened: the receiver notices a client's close
     # only when its thread next runs, so counting open sockets races on a busy machine.
     opened = sorted(start for start, _ in slow.finished(4))
-    assert len(opened) == 4 and opened[1] - opened[0] < 1.0, "two slow attempts should start at once"
+    assert len(opened) == 4 and opened[1] - opened[0] < 1.0, (
+        "two slow attempts should start at once"
+    )
     assert opened[2] - opened[0] >= 1.5, "a third attempt started before a per-host slot was freed"
     for opened, closed in slow.spans:
         assert 1.8 < closed - opened < 2.8, "an attempt outlived timeout_s"
