@@ -159,10 +159,11 @@ class ImageModel:
             message = str(exc).splitlines()[0]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # outside the handler: its traceback held the activations
-        fit = one_image_per_call(*size, probe.capacity_bytes())
+        width, height = size
+        fit = one_image_per_call(width, height, probe.capacity_bytes())
         logger.warning(
             "Measuring memory of %s ran out of memory (%s): %s", self.config.id, message,
-            fit.describe(*size),
+            fit.describe(width, height),
         )  # fmt: skip
         return fit, size
 
