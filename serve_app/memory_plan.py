@@ -217,7 +217,7 @@ def component_configs(source: str) -> dict[str, dict[str, Any]]:
 
         source = str(ensure_tiny_model())
     configs = {}
-    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+    for name in COMPONENT_NAMES:
         with open(Path(source) / name / "config.json") as file:
             configs[name] = {k: v for k, v in json.load(file).items() if not k.startswith("_")}
     return configs
