@@ -8,7 +8,8 @@
 #   bash scripts/gpu-check.sh --source tiny --size 128x128 --small-size 64x64 --steps 2   # on a CPU
 #
 # Other arguments go to `python -m serve_app.bench gpu` (see --help). Results: $RESULTS (default
-# results/, or $OUT on the device tool) gpu.json and gpu.md; the table is printed too.
+# results/, or $OUT on the device tool) gpu.json and gpu.md; the table is printed too. First, on
+# a machine with >= 2 GPUs and Ray, one request on 1 vs 2 GPUs: parallel.json (else skipped there).
 set -euo pipefail
 STARTED=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -98,6 +99,44 @@ print(f"gpu-check: torch {torch.__version__}, {gpu}, diffusers {diffusers.__vers
 PY
 then
     exit 2
+fi
+
+# Sequence parallelism (docs/gpu.md "Sequence-parallel replicas"): one 1024x1024 request on 1 vs
+# 2 GPUs, `bench parallel` (source synthetic, 28 steps). It needs several GPUs and Ray (the
+# `gpu-wheels.sh --with-ray` set, as --serve does); otherwise it is skipped, saying why. Either
+# way $RESULTS/parallel.json says what happened: the bench's results, or a row like gpu.json's
+# ({"step": "parallel", "skipped" or "error": why}). Its time comes out of the budget below.
+PARALLEL_TIMEOUT_S=${PARALLEL_TIMEOUT_S:-180}
+parallel_row() {  # KEY WHY: write parallel.json as a skipped or failed row
+    mkdir -p "$RESULTS"
+    "$PYTHON" -c 'import json, sys
+row = {"step": "parallel", sys.argv[2]: sys.argv[3]}
+open(sys.argv[1], "w").write(json.dumps(row, indent=2) + "\n")' "$RESULTS/parallel.json" "$1" "$2"
+}
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) || gpus=0
+if [ "$gpus" -lt 2 ]; then
+    why="$gpus GPU$([ "$gpus" = 1 ] || echo s) on this machine; needs >= 2"
+    echo "gpu-check: parallel: skipped ($why)"
+    parallel_row skipped "$why"
+elif ! "$PYTHON" -c 'import ray' >/dev/null 2>&1; then
+    why="ray does not import here: carry the wheels of 'bash scripts/gpu-wheels.sh --with-ray'"
+    echo "gpu-check: parallel: skipped ($why)"
+    parallel_row skipped "$why"
+else
+    echo "gpu-check: parallel: one 1024x1024 request on 1 vs 2 of $gpus GPUs" \
+        "(<= ${PARALLEL_TIMEOUT_S}s)"
+    status=0
+    timeout --kill-after=20 "$PARALLEL_TIMEOUT_S" "$PYTHON" -m serve_app.bench parallel \
+        --source synthetic --device cuda --ranks 2 --size 1024x1024 --steps 28 \
+        --out "$RESULTS" || status=$?
+    if [ "$status" != 0 ]; then
+        why="bench parallel exited $status"
+        if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+            why="stopped at its limit of ${PARALLEL_TIMEOUT_S}s"
+        fi
+        echo "gpu-check: parallel: failed ($why); the other steps go on" >&2
+        parallel_row error "$why"
+    fi
 fi
 
 # The device tool's limit is 600 s per command: keep 90 s for what ran before and a step that

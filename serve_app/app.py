@@ -79,6 +79,36 @@ def job_deployments(
     return resolved_args, consumer.bind(resolved_args.model_dump(), model_apps, embedded)
 
 
+def parallel_capacity_problem(options: dict[str, Any], nodes: list[dict]) -> str | None:
+    """Why no node of the cluster as it is now can hold one replica's placement group (all
+    of its bundles on one node), or None. Only a warning: an autoscaler may add such a node."""
+    bundles = options.get("placement_group_bundles")
+    if not bundles:
+        return None
+    needed: dict[str, float] = {}
+    for bundle in bundles:
+        for resource, amount in bundle.items():
+            needed[resource] = needed.get(resource, 0) + amount
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
+    if any(all(node.get(k, 0) >= v for k, v in needed.items()) for node in alive):
+        return None
+    largest = max((node.get("GPU", 0) for node in alive), default=0)
+    return (
+        f"deployment {options['name']}: one replica needs {needed} on one node "
+        f"({len(bundles)} parallel ranks); no node has that now (most GPUs on a node: "
+        f"{largest:g}). Its replicas stay pending until one joins."
+    )
+
+
+def _warn_if_no_node_fits(options: dict[str, Any]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        problem = parallel_capacity_problem(options, ray.nodes())
+        if problem:
+            logger.warning(problem)
+
+
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     """Build the Images API application from `AppArgs` (or a dict of them)."""
     app_args = AppArgs.model_validate(args or {})
@@ -86,6 +116,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     for model in app_args.models:
         options = ImageModel.deployment_options(app_args, model)
         logger.info("model deployment %s: %s", model.deployment_name, options)
+        _warn_if_no_node_fits(options)
         deployment = serve.deployment(**options)(ImageModel)
         model_apps[model.id] = deployment.bind(model.model_dump())
     ingress = serve.deployment(**ImagesIngress.deployment_options(app_args))(

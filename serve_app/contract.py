@@ -74,6 +74,18 @@ def _rebuild_api_error(message: str, fields: dict[str, Any]) -> APIError:
     return APIError(message, **fields)
 
 
+class ReplicaUnavailable(APIError):
+    """The model replica can no longer serve (a sequence-parallel rank was lost) and is being
+    replaced: 503 with Retry-After; an asynchronous job retries it like a replica loss."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        fields = {"status": 503, "code": "model_unavailable", "headers": {"Retry-After": "5"}}
+        super().__init__(message, **fields)
+
+    def __reduce__(self):
+        return (ReplicaUnavailable, (self.message,))
+
+
 class GenerationCancelled(RuntimeError):
     """Every request of a pipeline call went away; the call stopped at a step boundary."""
 

@@ -21,6 +21,7 @@ from serve_app.config import (
     JobsConfig,
     LoraConfig,
     ModelConfig,
+    ParallelConfig,
     QualitySteps,
     SpeedConfig,
     StorageConfig,
@@ -79,6 +80,8 @@ def _config_tables() -> str:
             "`quality_steps:`\n\n" + fields_table(QualitySteps),
             "`speed:`\n\n" + fields_table(SpeedConfig),
             "`lora:` (per model)\n\n" + fields_table(LoraConfig),
+            '`parallel:` (per model; docs/gpu.md "Sequence-parallel replicas")\n\n'
+            + fields_table(ParallelConfig),
             "`batching:` (and a model deployment's `user_config`)\n\n"
             + fields_table(BatchingConfig),
             "`limits:`\n\n" + fields_table(UploadLimits),

@@ -103,6 +103,10 @@ class FluxEngine:
         # "<component>.<module>" -> (out_features, in_features) of every Linear layer, taken at
         # load before any adapter wraps one: adapter files are checked against it off-thread.
         self._linear_shapes: dict[str, tuple[int, int]] = {}
+        # Sequence-parallel ranks (`parallel.degree` > 1): the step's stop-or-continue decision
+        # every rank must agree on (`sequence_parallel.StepAgreement`), set by whoever joined
+        # this process to the replica's process group before `load`.
+        self.lockstep: Callable[[bool], bool] | None = None
 
     def load(self) -> None:
         """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
@@ -158,8 +162,8 @@ class FluxEngine:
         if config.vae_slicing:
             pipe.vae.enable_slicing()
         try:
-            apply_speed_options(pipe.transformer, speed)
-        except SpeedOptionError as exc:
+            apply_speed_options(pipe.transformer, speed, self._enable_parallel)
+        except (SpeedOptionError, ValueError) as exc:
             raise ModelLoadError(f"model {config.id!r}: {exc}") from exc
         pipe.transformer.register_forward_hook(self._remember_velocity)
         self.pipe = pipe
@@ -177,6 +181,30 @@ class FluxEngine:
             time.perf_counter() - started,
             speed.model_dump(),
         )
+
+    def _enable_parallel(self, transformer: Any) -> None:
+        """Split the sequence across the process group's ranks (`parallel.degree` > 1)."""
+        parallel = self.config.parallel
+        if parallel.degree == 1:
+            return
+        from serve_app.sequence_parallel import enable_sequence_parallel
+
+        if self.config.max_sequence_length % parallel.degree:
+            raise ValueError(
+                f"max_sequence_length {self.config.max_sequence_length} must be a multiple of "
+                f"the parallel degree {parallel.degree} (the text tokens are split too)"
+            )
+        enable_sequence_parallel(transformer, parallel, self.device)
+
+    def check_request(self, request: ModelRequest) -> None:
+        """Refuse, before it joins a call, a request this engine cannot run: with sequence
+        parallelism on gloo, a sequence that does not split evenly across the ranks."""
+        from serve_app.contract import APIError
+        from serve_app.sequence_parallel import split_problem
+
+        problem = split_problem(request, self.config.parallel, self.device)
+        if problem:
+            raise APIError(problem[0].upper() + problem[1:] + ".", param="size")
 
     def _remember_velocity(self, module, args, output) -> None:
         self._velocity = output[0] if isinstance(output, tuple) else output.sample
@@ -238,13 +266,15 @@ class FluxEngine:
         for a 1-image edit (the kind `measure_memory` measures) with these weights and, when
         LoRA is on, a rank-32 adapter. None when the plan is of another architecture or lacks
         the case, or when the config runs what the plan does not model: weights offloaded to
-        the CPU, a 4-byte dtype, a sliced or tiled VAE (then the replica measures)."""
+        the CPU, a 4-byte dtype, a sliced or tiled VAE, a sequence split across GPUs (then the
+        replica measures)."""
         from serve_app import memory_plan
 
         width, height = self._largest_warmup_size()
         config = self.config
         if (
             config.cpu_offload
+            or config.parallel.degree > 1  # the plan is of one GPU holding the whole sequence
             or config.vae_slicing
             or config.vae_tiling
             or self.dtype not in (torch.bfloat16, torch.float16)
@@ -274,6 +304,10 @@ class FluxEngine:
     @property
     def loaded(self) -> bool:
         return self.pipe is not None
+
+    def check_health(self) -> None:
+        """Raises when the engine cannot serve; one process on one device always can once
+        loaded (a sequence-parallel engine also checks its peers)."""
 
     # --- LoRA adapters. `read_adapter` is thread-safe (runs beside a pipeline call); the rest
     # --- change the pipeline's modules, so they run on the pipeline's thread, between calls.
@@ -321,9 +355,14 @@ class FluxEngine:
             return len(self._counting_tokenizer(prompt, truncation=False).input_ids)
 
     def generate(
-        self, requests: Sequence[ModelRequest], step_callback: StepCallback | None = None
+        self,
+        requests: Sequence[ModelRequest],
+        step_callback: StepCallback | None = None,
+        decode: bool = True,
     ) -> list[list[Image.Image]]:
-        """Run compatible requests as one pipeline call; each request's images in seed order."""
+        """Run compatible requests as one pipeline call; each request's images in seed order.
+        `decode=False` (a sequence-parallel peer rank: rank 0 decodes) stops after the last
+        denoising step and returns no images."""
         # 1. Check the requests really share one call.
         first = requests[0]
         keys = {group_key(request) for request in requests}
@@ -343,10 +382,26 @@ class FluxEngine:
         # 3. Per-step hook: stop when every request is gone, send previews, report progress.
         offsets = [sum(request.n for request in requests[:i]) for i in range(len(requests))]
 
+        # With sequence-parallel ranks, this rank's previews and progress run first, then the
+        # ranks agree whether to go on: a stop (every request gone, or a failure here) then
+        # happens at the same step everywhere, and no rank is left waiting in a collective.
         def callback(pipe, step, timestep, tensors):
-            if all(request.cancelled for request in requests):
+            stop = all(request.cancelled for request in requests)
+            failure: BaseException | None = None
+            if not stop:
+                try:
+                    report(pipe, step, tensors["latents"])
+                except Exception as exc:  # noqa: BLE001 - re-raised once the ranks agree
+                    failure, stop = exc, True
+            if self.lockstep is not None:
+                stop = self.lockstep(stop)
+            if failure is not None:
+                raise failure
+            if stop:
                 raise GenerationCancelled(f"all {len(requests)} requests cancelled at step {step}")
-            latents = tensors["latents"]
+            return {}
+
+        def report(pipe, step, latents):
             previews = [
                 (offset, request, request.events)
                 for offset, request in zip(offsets, requests, strict=True)
@@ -373,7 +428,6 @@ class FluxEngine:
                     )
             if step_callback is not None:
                 step_callback(step, first.steps, requests, latents)
-            return {}
 
         # 4. Inputs per image: text only, a conditioning canvas, or canvas + image + mask.
         #    Conditioning arrives at its final size, so the pipelines must not resize it again.
@@ -394,7 +448,7 @@ class FluxEngine:
             generator=generators,
             max_sequence_length=self.config.max_sequence_length,
             callback_on_step_end=callback,
-            output_type="pil",
+            output_type="pil" if decode else "latent",
         )
         pipe = self.pipe
         if first.masked:
@@ -421,6 +475,8 @@ class FluxEngine:
             raise
 
         # 6. Hand each request its own images; masked edits get their unmasked pixels back exactly.
+        if not decode:
+            return [[] for _ in requests]
         results, start = [], 0
         for request in requests:
             own = images[start : start + request.n]

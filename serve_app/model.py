@@ -50,7 +50,12 @@ from serve_app.metrics import ModelMetrics
 logger = logging.getLogger("ray.serve")
 
 
-def _default_engine_cls():
+def _default_engine_cls(config: ModelConfig):
+    """One process on one device, or rank 0 of several (`parallel`)."""
+    if config.parallel.degree > 1:
+        from serve_app.parallel import ParallelEngine
+
+        return ParallelEngine
     from serve_app.engine import FluxEngine
 
     return FluxEngine
@@ -86,12 +91,16 @@ class ImageModel:
     @staticmethod
     def deployment_options(args: AppArgs, model: ModelConfig) -> dict[str, Any]:
         """Options for `serve.deployment` (a serve config's `deployments:` may override them):
-        one replica, one CPU (and a GPU for `device: cuda`), room to fill two batches."""
-        actor_options = {"num_cpus": 1, **({"num_gpus": 1} if model.device == "cuda" else {})}
+        one replica, `num_cpus` CPUs (and a GPU for `device: cuda`), room to fill two batches;
+        with `parallel`, that much per rank in a placement group."""
+        actor_options: dict[str, Any] = {"num_cpus": model.num_cpus}
+        if model.device == "cuda":
+            actor_options["num_gpus"] = 1
         return {
             "name": model.deployment_name,
             "num_replicas": 1,
             "ray_actor_options": actor_options,
+            **ImageModel.parallel_options(model, actor_options),
             # Two calls' worth of requests: one running, one queued for the next call.
             "max_ongoing_requests": 2 * args.batching.max_batch_images,
             # Only what was set: an unset max_batch_images is sized to the GPU's memory.
@@ -99,6 +108,22 @@ class ImageModel:
             # A batch of large images can take minutes on a slow device.
             "health_check_timeout_s": 120,
             "logging_config": {"enable_access_log": args.access_log},
+        }
+
+    @staticmethod
+    def parallel_options(model: ModelConfig, actor_options: dict[str, Any]) -> dict[str, Any]:
+        """Sequence parallelism: one placement-group bundle per rank, all on one node (Ray's
+        way for multi-GPU replicas; Serve replaces the group with the replica). Bundle 0 holds
+        the replica itself, bundles 1..N-1 its worker ranks (`serve_app.parallel`)."""
+        degree = model.parallel.degree
+        if degree == 1:
+            return {}
+        bundle = {"CPU": actor_options["num_cpus"]}
+        if "num_gpus" in actor_options:
+            bundle["GPU"] = actor_options["num_gpus"]
+        return {
+            "placement_group_bundles": [bundle] * degree,
+            "placement_group_strategy": "STRICT_PACK",
         }
 
     def __init__(
@@ -112,7 +137,7 @@ class ImageModel:
         import torch
 
         torch.set_num_threads(_torch_threads(self.config))
-        self.engine = (engine_cls or _default_engine_cls())(self.config)
+        self.engine = (engine_cls or _default_engine_cls(self.config))(self.config)
         self.engine.load()
         if self.config.warmup:
             self.engine.warmup()
@@ -221,6 +246,7 @@ class ImageModel:
         """Unhealthy when the model is gone or a pipeline call hangs (e.g. a wedged GPU)."""
         if not self.engine.loaded:
             raise RuntimeError(f"model {self.config.id} is not loaded")
+        self.engine.check_health()
         started = self._call_started
         if started is not None:
             running = time.monotonic() - started
@@ -242,9 +268,15 @@ class ImageModel:
             )
         return tokens
 
+    def check_request(self, request: ModelRequest) -> int:
+        """The checks a request passes before it may join a call; its text token count."""
+        tokens = self.count_text_tokens(request.prompt)
+        self.engine.check_request(request)
+        return tokens
+
     async def generate(self, request: ModelRequest) -> GenerationResult:
         """Generate and encode every image of one request."""
-        return await self._generate(request, self.count_text_tokens(request.prompt))
+        return await self._generate(request, self.check_request(request))
 
     async def generate_stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
         """Streaming variant: `Accepted` (after validation), `PartialImage`s, `Completed`.
@@ -252,7 +284,7 @@ class ImageModel:
         Previews travel from the pipeline thread through a per-request queue; each is encoded in
         the request's output format off the event loop.
         """
-        text_tokens = self.count_text_tokens(request.prompt)
+        text_tokens = self.check_request(request)
         yield Accepted(text_tokens=text_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PreviewImages | Progress] = asyncio.Queue()

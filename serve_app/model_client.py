@@ -55,7 +55,7 @@ class ModelClient(Protocol):
 
     def stream_sync(self, request: ModelRequest) -> SyncModelStream: ...
 
-    async def count_text_tokens(self, prompt: str) -> int: ...
+    async def check_request(self, request: ModelRequest) -> int: ...
 
 
 class RayModelClient:
@@ -93,13 +93,14 @@ class RayModelClient:
     def stream_sync(self, request: ModelRequest) -> SyncModelStream:
         return _WaitingStream(lambda: self.stream(request), self.wait_s)
 
-    async def count_text_tokens(self, prompt: str) -> int:
-        """The model's token check, before a job is accepted. A replica too busy to answer
-        soon lets the job in unchecked (the job then fails with the same 400 if too long)."""
+    async def check_request(self, request: ModelRequest) -> int:
+        """The model's checks (prompt length; with parallel ranks, the sequence split) before a
+        job is accepted. A replica too busy to answer soon lets the job in unchecked (the job
+        then fails with the same 400)."""
         from ray.serve.exceptions import BackPressureError
 
         try:
-            response = self.handle_for(None).count_text_tokens.remote(prompt)
+            response = self.handle_for(None).check_request.remote(request)
             return await asyncio.wait_for(cancel_when_abandoned(response), TOKEN_CHECK_TIMEOUT_S)
         except (asyncio.TimeoutError, BackPressureError) as exc:
             logger.warning("prompt not checked before queueing: %s", type(exc).__name__)

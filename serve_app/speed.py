@@ -6,6 +6,9 @@ turns it into a `ModelLoadError` that fails the replica's start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from serve_app.config import SpeedConfig
 
 
@@ -13,8 +16,12 @@ class SpeedOptionError(RuntimeError):
     """A configured speed option that cannot work on this machine."""
 
 
-def apply_speed_options(transformer, speed: SpeedConfig) -> None:
-    """Attention backend, fp8 quantization, first-block cache, regional compile, in that order."""
+def apply_speed_options(
+    transformer, speed: SpeedConfig, enable_parallel: Callable[[Any], None] | None = None
+) -> None:
+    """Attention backend, sequence parallelism (`enable_parallel`: it checks that the backend
+    supports it, and the later switches then see its hooks), fp8 quantization, first-block
+    cache, regional compile, in that order."""
     if speed.attention_backend:
         try:
             transformer.set_attention_backend(speed.attention_backend)
@@ -22,6 +29,8 @@ def apply_speed_options(transformer, speed: SpeedConfig) -> None:
             raise SpeedOptionError(
                 f"attention backend {speed.attention_backend!r} is not usable here: {exc}"
             ) from exc
+    if enable_parallel is not None:
+        enable_parallel(transformer)
     if speed.quantization == "fp8":
         try:
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_

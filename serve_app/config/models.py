@@ -73,6 +73,38 @@ class SpeedConfig(StrictModel):
     )
 
 
+class ParallelConfig(StrictModel):
+    """Sequence parallelism: one request's tokens split across several GPUs of one node
+    (diffusers context parallelism: Ulysses all-to-all and/or Ring attention). The product of
+    the degrees is the GPUs (ranks) per replica; 1 = one GPU, as without this section."""
+
+    ulysses: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Ulysses degree: ranks that split the sequence and exchange attention heads "
+        "(all-to-all); must divide the transformer's attention heads (FLUX.1: 24).",
+    )
+    ring: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Ring degree: ranks that split the sequence and pass key/value blocks "
+        "around a ring (less memory, more communication steps).",
+    )
+    collective_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        description="Longest a rank waits in one collective (a dead or hung peer): past it the "
+        "call fails with 503 and the replica reports unhealthy, so Ray Serve replaces it.",
+    )
+
+    @property
+    def degree(self) -> int:
+        """Ranks (GPUs) per replica."""
+        return self.ulysses * self.ring
+
+
 class LoraConfig(StrictModel):
     """LoRA adapters for one model: where they are found, and how many a request and a replica
     may use. Adapters are `<name>.safetensors` files (diffusers/PEFT or kohya format); a request
@@ -216,6 +248,13 @@ class ModelConfig(StrictModel):
         description="A pipeline call running longer than this counts as hung: the replica "
         "fails its health check and Ray Serve replaces it.",
     )
+    num_cpus: float = Field(
+        default=1,
+        ge=0,
+        description="CPUs Ray reserves for each replica (each rank with `parallel`): "
+        "tokenizers, PNG encoding; on CPU, torch's threads. Set here, not in the deployment's "
+        "`ray_actor_options`, so that the placement group of a parallel replica matches.",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -223,6 +262,11 @@ class ModelConfig(StrictModel):
     )
     lora: LoraConfig = Field(
         default_factory=LoraConfig, description="LoRA adapters (off until a source is set)."
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="Sequence parallelism across GPUs of one node (docs/gpu.md); the builder "
+        "gives each replica one placement-group bundle per rank.",
     )
 
     @model_validator(mode="before")
@@ -265,6 +309,11 @@ class ModelConfig(StrictModel):
                 )
         if width * height > self.max_pixels:
             raise ValueError(f"default_size {self.default_size} exceeds max_pixels")
+        if self.parallel.degree > 1 and self.cpu_offload:
+            raise ValueError(
+                "parallel (several GPUs per replica) and cpu_offload exclude each other: "
+                "offloading is for a model that does not fit one GPU's memory; remove one"
+            )
         return self
 
     @property

@@ -146,7 +146,7 @@ class ImagesService:
         input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
         model = self.models[resolved.model_id]
         if jobs is not None:
-            await model.count_text_tokens(model_request.prompt)  # a too-long prompt: 400 now
+            await model.check_request(model_request)  # e.g. a too-long prompt: 400 now
             return await jobs.submit(
                 request, endpoint, resolved, model_request, input_tokens, parsed.webhook_url
             )

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from serve_app.contract import APIError
+from serve_app.contract import APIError, ReplicaUnavailable
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ def replica_lost(exc: BaseException) -> bool:
         redis.ConnectionError,
         redis.TimeoutError,
     )
-    return isinstance(exc, lost)
+    return isinstance(exc, lost) or isinstance(api_error(exc), ReplicaUnavailable)
 
 
 def api_error(exc: BaseException) -> APIError | None:

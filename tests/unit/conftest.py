@@ -90,7 +90,7 @@ class FakeModel:
             raise pickle.loads(pickle.dumps(self.fail))
         return self._result(job)
 
-    async def count_text_tokens(self, prompt):
+    async def check_request(self, request):
         return 5
 
     def stream(self, job):

@@ -50,6 +50,7 @@ def test_gpu_check_runs_on_cpu_with_tiny(tiny_cache_dir, tmp_path):
         "WHEELS": str(broken_torchao_wheel(tmp_path / "wheels")),  # the rest is installed here
         "RESULTS": str(tmp_path / "results"),
         "SERVE_APP_CACHE": str(cache_root),
+        "CUDA_VISIBLE_DEVICES": "",  # a CPU run even where GPUs are
     }
     args = ["--source", "tiny", "--size", "128x128", "--small-size", "64x64", "--steps", "2"]
     args += ["--batches", "1,2", "--small-batches", "1,2,4"]
@@ -85,6 +86,11 @@ def test_gpu_check_runs_on_cpu_with_tiny(tiny_cache_dir, tmp_path):
     assert [m["n"] for m in series["64x64"]] == [1, 2, 4]
     assert all(m["speedup_vs_1"] > 0 for m in series["64x64"][1:])
     assert result["settings"]["source"] == "tiny" and result["machine"]["torch"]
+
+    # Sequence parallelism needs >= 2 GPUs: skipped, saying why, in a row of its own.
+    parallel = json.loads((tmp_path / "results" / "parallel.json").read_text())
+    assert parallel == {"step": "parallel", "skipped": "0 GPUs on this machine; needs >= 2"}
+    assert "gpu-check: parallel: skipped (0 GPUs on this machine; needs >= 2)" in done.stdout
 
     table = (tmp_path / "results" / "gpu.md").read_text()
     assert table.strip() in done.stdout  # printed too

@@ -77,7 +77,7 @@ class PendingResponse:
 class PendingHandle:
     def __init__(self) -> None:
         self.responses: list[PendingResponse] = []
-        self.generate = self.count_text_tokens = self
+        self.generate = self.check_request = self
 
     def options(self, **_):
         return self
