@@ -165,6 +165,10 @@ class FluxEngine:
             apply_speed_options(pipe.transformer, speed, self._enable_parallel)
         except (SpeedOptionError, ValueError) as exc:
             raise ModelLoadError(f"model {config.id!r}: {exc}") from exc
+        if config.parallel.degree > 1 and speed.first_block_cache_threshold is not None:
+            from serve_app.sequence_parallel import agree_on_cache_skips
+
+            agree_on_cache_skips(pipe.transformer)  # else ranks could skip different steps
         pipe.transformer.register_forward_hook(self._remember_velocity)
         self.pipe = pipe
         if config.preview_decoder == "latent_rgb":

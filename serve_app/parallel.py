@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, ReplicaUnavailable
 from serve_app.engine import FluxEngine, StepCallback
-from serve_app.sequence_parallel import StepAgreement, join_group, leave_group
+from serve_app.sequence_parallel import StepAgreement, join_group, leave_group, start_serving
 
 logger = logging.getLogger("ray.serve")
 
@@ -66,6 +66,7 @@ def _rank_engine(config: ModelConfig, address: str, rank: int) -> FluxEngine:
     join_group(address, rank, config.parallel, engine.device)
     engine.lockstep = StepAgreement(engine.device)
     engine.load()
+    start_serving(config.parallel)
     return engine
 
 
@@ -139,6 +140,7 @@ class ParallelEngine(FluxEngine):
         self.lockstep = self.agreement
         try:
             super().load()
+            start_serving(self.config.parallel)
             ray.get(started, timeout=self.config.parallel.collective_timeout_s)
         except BaseException:
             self.close()

@@ -17,6 +17,7 @@ computes 1/N of every attention and MLP. What this module adds around it:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -34,17 +35,33 @@ def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
+# Joining and loading: ranks read ~31 GiB each, at their own pace, before the first collective
+# (diffusers' mesh setup); only afterwards does `collective_timeout_s` apply (`start_serving`).
+LOAD_TIMEOUT_S = 1800.0
+
+
 def join_group(address: str, rank: int, parallel: ParallelConfig, device: str) -> None:
     """Join the replica's process group (blocks until every rank has joined)."""
     if device == "cuda":
         torch.cuda.set_device(0)  # Ray shows each rank its own GPU as device 0
+        # A timed-out NCCL collective raises in the caller (who answers 503 and reports
+        # unhealthy) instead of tearing the process down (torch's default).
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group(
         backend_for(device),
         init_method=f"tcp://{address}",
         rank=rank,
         world_size=parallel.degree,
-        timeout=timedelta(seconds=parallel.collective_timeout_s),
+        timeout=timedelta(seconds=max(LOAD_TIMEOUT_S, parallel.collective_timeout_s)),
     )
+
+
+def start_serving(parallel: ParallelConfig) -> None:
+    """Loaded: from now on a collective waits at most `collective_timeout_s`."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=parallel.collective_timeout_s))
 
 
 def leave_group() -> None:
@@ -95,6 +112,38 @@ def enable_sequence_parallel(transformer: Any, parallel: ParallelConfig, device:
     )
     with _one_device_on_cpu(device):
         transformer.enable_parallelism(config=config)
+
+
+def agree_on_cache_skips(transformer: Any) -> int:
+    """diffusers' first-block cache decides after the first block whether to skip the rest,
+    from the change in that block's residual; under context parallelism each rank sees only
+    its shard, so ranks could decide differently and one would wait in a collective the other
+    skipped. Each cache's decision is replaced by one on the whole sequence: the ratio of sums
+    |now - before| / |before| (numerators and denominators over the same elements, so the
+    single-GPU mean ratio exactly), summed over the ranks in one all-reduce. Returns how many
+    caches were changed."""
+    import types
+
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    changed = 0
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
+        if hook is not None:
+            hook._should_compute_remaining_blocks = types.MethodType(_decide_on_all_ranks, hook)
+            changed += 1
+    return changed
+
+
+@torch.compiler.disable
+def _decide_on_all_ranks(hook: Any, residual: torch.Tensor) -> bool:
+    previous = hook.state_manager.get_state().head_block_residual
+    if previous is None:  # the call's first step, on every rank
+        return True
+    sums = torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).float()
+    dist.all_reduce(sums)
+    return bool((sums[0] / sums[1]).item() > hook.threshold)
 
 
 def sequence_tokens(request: ModelRequest) -> int:

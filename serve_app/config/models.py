@@ -73,6 +73,14 @@ class SpeedConfig(StrictModel):
     )
 
 
+# diffusers attention backends that cannot return log-sum-exp values, which Ring attention
+# merges its blocks with (diffusers/models/attention_dispatch.py: "does not support return_lse").
+NO_LOG_SUM_EXP = frozenset(
+    {"native", "_native_efficient", "_native_math", "_native_npu", "_native_xla", "sage_varlen",
+     "xformers"}
+)  # fmt: skip
+
+
 class ParallelConfig(StrictModel):
     """Sequence parallelism: one request's tokens split across several GPUs of one node
     (diffusers context parallelism: Ulysses all-to-all and/or Ring attention). The product of
@@ -309,6 +317,14 @@ class ModelConfig(StrictModel):
                 )
         if width * height > self.max_pixels:
             raise ValueError(f"default_size {self.default_size} exceeds max_pixels")
+        backend = self.speed.attention_backend
+        if self.parallel.ring > 1 and (backend is None or backend in NO_LOG_SUM_EXP):
+            raise ValueError(
+                f"parallel.ring > 1 needs an attention backend that returns log-sum-exp values "
+                f"(speed.attention_backend: flash, _native_cudnn, _native_flash, sage, ...); "
+                f"{backend or 'the default (native)'} does not: use parallel.ulysses instead, "
+                "or set one of those backends"
+            )
         if self.parallel.degree > 1 and self.cpu_offload:
             raise ValueError(
                 "parallel (several GPUs per replica) and cpu_offload exclude each other: "

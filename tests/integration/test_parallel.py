@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import assert_batch_equivalent, decode_base64_image, pixels
 from tests.integration.conftest import APP_NAME, BATCH_WAIT_S
@@ -242,6 +243,74 @@ def test_the_benchmark_times_one_and_two_ranks_and_the_step_agreement(serve_clie
     assert two["agreement_ms_per_step"] > 0 and two["idle_broadcast_ms"] > 0
     assert result["speedup"] == one["median_s"] / two["median_s"]
     assert f"| 2 | {two['threads_per_rank']} |" in parallel.markdown(result)
+
+
+@pytest.mark.parametrize(
+    "speed",
+    [{"first_block_cache_threshold": 0.3}, {"first_block_cache_threshold": 0.3, "compile": True}],
+    ids=["cache", "compile+cache"],
+)
+def test_speed_switches_on_two_ranks_equal_one_rank_with_the_same_switches(
+    serve_client, tiny_cache_dir, speed
+):
+    """The first-block cache decides per step whether to skip the remaining blocks; on a
+    shard each rank would decide for itself and the ranks could part ways (one waiting in a
+    collective the other skipped). With the decision taken on the whole sequence the 2-rank
+    images equal a 1-rank engine's with the same cache, and differ from uncached ones."""
+    import ray
+
+    from serve_app.config import ModelConfig
+    from serve_app.contract import ModelRequest
+    from serve_app.engine import FluxEngine
+
+    base = {"id": "t", "source": "tiny", "cache_dir": tiny_cache_dir, "warmup": False}
+    canvas = Image.open(io.BytesIO(noise_png(512, 512, seed=4))).convert("RGB")
+    requests = [
+        [ModelRequest("t2i", "a lighthouse", 64, 64, 8, 2.5, (1, 2))],
+        [ModelRequest("edit", "make it blue", 64, 64, 8, 2.5, (3,), conditioning=(canvas,))],
+    ]
+
+    def two_ranks(config: dict) -> tuple:
+        from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+        from serve_app.parallel import ParallelEngine
+
+        engine = ParallelEngine(ModelConfig.model_validate(config))
+        engine.load()
+        [leader] = [
+            module._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
+            for module in engine.pipe.transformer.modules()
+            if getattr(module, "_diffusers_hook", None) is not None
+            and module._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) is not None
+        ]
+        decide, skipped = leader._should_compute_remaining_blocks, []
+
+        def counting(residual):
+            compute = decide(residual)
+            skipped.append(not compute)
+            return compute
+
+        leader._should_compute_remaining_blocks = counting
+        try:
+            images = [[np.asarray(image) for image in engine.generate(r)[0]] for r in requests]
+            return images, sum(skipped)
+        finally:
+            engine.close()
+
+    parallel = {"ulysses": 2, "collective_timeout_s": 30}
+    config = {**base, "speed": speed, "parallel": parallel}
+    ours, skipped = ray.get(ray.remote(num_cpus=0)(two_ranks).remote(config))
+    assert skipped > 0  # the cache skipped steps (agreed by both ranks: no hang)
+    cached = FluxEngine(ModelConfig(**base, speed={"first_block_cache_threshold": 0.3}))
+    cached.load()
+    uncached = FluxEngine(ModelConfig(**base))
+    uncached.load()
+    for images, request in zip(ours, requests, strict=True):
+        expected = [np.asarray(image) for image in cached.generate(request)[0]]
+        plain = [np.asarray(image) for image in uncached.generate(request)[0]]
+        for mine, theirs, without in zip(images, expected, plain, strict=True):
+            assert_batch_equivalent(mine.astype(np.int16), theirs.astype(np.int16))
+            assert not np.array_equal(mine, without)  # the skipped steps show
 
 
 def wait_replaced(base_url, old_name: str, timeout_s: float = 180) -> None:

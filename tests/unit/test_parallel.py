@@ -34,7 +34,13 @@ def test_parallel_and_cpu_offload_are_refused_together():
     ("device", "bundle"), [("cuda", {"CPU": 1, "GPU": 1}), ("cpu", {"CPU": 1})]
 )
 def test_the_builder_gives_one_bundle_per_rank_on_one_node(device, bundle):
-    model = ModelConfig(id="m", source="tiny", device=device, parallel={"ulysses": 2, "ring": 2})
+    model = ModelConfig(
+        id="m",
+        source="tiny",
+        device=device,
+        parallel={"ulysses": 2, "ring": 2},
+        speed={"attention_backend": "flash"},
+    )
     options = ImageModel.deployment_options(AppArgs(models=[model]), model)
     assert options["placement_group_bundles"] == [bundle] * 4
     assert options["placement_group_strategy"] == "STRICT_PACK"
@@ -55,6 +61,17 @@ def test_a_cluster_without_a_node_that_fits_a_replica_is_named():
     assert parallel_capacity_problem(options, eight) is None
     dead_eight = [{"Alive": False, "Resources": {"CPU": 16, "GPU": 8}}]
     assert parallel_capacity_problem(options, dead_eight)
+
+
+def test_ring_needs_an_attention_backend_that_returns_log_sum_exp():
+    with pytest.raises(ValidationError, match=r"log-sum-exp.*the default \(native\)"):
+        ModelConfig(parallel={"ring": 2})
+    with pytest.raises(ValidationError, match="_native_math does not"):
+        ModelConfig(parallel={"ring": 2}, speed={"attention_backend": "_native_math"})
+    assert (
+        ModelConfig(parallel={"ring": 2}, speed={"attention_backend": "flash"}).parallel.ring == 2
+    )
+    assert ModelConfig(parallel={"ulysses": 2}).parallel.degree == 2  # Ulysses: any backend
 
 
 def test_the_sequence_counts_the_output_and_the_conditioning_canvas():
@@ -153,3 +170,64 @@ def test_a_peer_rank_denoises_without_decoding(engine):
         assert engine.generate([make_job(steps=2)], decode=False) == [[]]
     finally:
         engine.lockstep = None
+
+
+class _CacheState:
+    def __init__(self, previous):
+        self.head_block_residual = previous
+
+    def get_state(self):
+        return self
+
+
+class _LeaderHook:
+    """What the first-block cache's decision reads: the state and the threshold."""
+
+    def __init__(self, previous, threshold):
+        self.state_manager = _CacheState(previous)
+        self.threshold = threshold
+
+
+def _cache_decisions(rank: int, address: str, results) -> None:
+    """One rank of two (gloo): this rank's shard of the first block's residuals."""
+    import torch
+    import torch.distributed as dist
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    from serve_app.sequence_parallel import _decide_on_all_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=rank, world_size=2)
+    try:
+        previous = torch.ones(10)
+        residual = previous * (1.5 if rank == 0 else 1.01)  # changed 50% here, 1% there
+        hook = _LeaderHook(previous, threshold=0.2)
+        alone = FBCHeadBlockHook._should_compute_remaining_blocks(hook, residual)
+        results.put((rank, alone, _decide_on_all_ranks(hook, residual)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_cache_decides_on_the_whole_sequence_so_ranks_cannot_part_ways():
+    """diffusers' own decision on each shard differs between the ranks (one would skip the
+    blocks and their collectives, the other wait in them); the agreed one is the same on both
+    and is the whole sequence's: (5 + 0.1) / (10 + 10) = 0.255 > 0.2, compute."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_cache_decisions, args=(r, address, results)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    decisions = dict(
+        (rank, (alone, agreed))
+        for rank, alone, agreed in [results.get(timeout=60), results.get(timeout=60)]
+    )
+    for process in ranks:
+        process.join(timeout=30)
+    assert decisions[0][0] is True and decisions[1][0] is False  # per shard: they part ways
+    assert decisions[0][1] is decisions[1][1] is True
