@@ -24,6 +24,7 @@ from tests.conftest import assert_batch_equivalent, decode_base64_image, pixels
 from tests.integration.conftest import APP_NAME, BATCH_WAIT_S
 from tests.integration.test_edits import center_mask, noise_png
 from tests.integration.test_jobs import ASYNC, poll
+from tests.integration.test_streaming import timed_post
 
 SP = "flux-kontext-tiny-sp"
 BASE = "flux-kontext-tiny"
@@ -176,15 +177,6 @@ def test_streaming_previews_then_the_same_image(sp_app, client):
     assert partials[0].b64_json != completed.b64_json
     plain = generate(client, BASE, size="64x64")
     assert_batch_equivalent(pixels(completed.b64_json), pixels(plain.data[0].b64_json))
-
-
-def timed_post(base_url, body, timeout):
-    started = time.monotonic()
-    try:
-        answer = httpx.post(f"{base_url}/v1/images/generations", json=body, timeout=timeout)
-        return answer, time.monotonic() - started
-    except httpx.TimeoutException:
-        return None, time.monotonic() - started
 
 
 def test_a_cancelled_request_stops_every_rank_and_the_next_is_served_at_once(sp_app, base_url):
