@@ -41,10 +41,33 @@ def small_ingress(base_url, serve_config, redeploy):
         redeploy(serve_config)
 
 
+class AnswerCollector(asyncio.Protocol):
+    """Keeps every byte the server sent, even when the connection then ends in a reset.
+
+    A server that answers before the body is complete closes with the trickled bytes unread,
+    and the kernel turns that close into a reset. asyncio's StreamReader raises the reset in
+    place of the answer already buffered; this protocol keeps the answer.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.first_byte = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        self.first_byte.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.first_byte.set()
+        self.closed.set()
+
+
 async def trickle_upload(host: str, port: int, for_s: float) -> tuple[int, dict, dict, float]:
     """A multipart edit whose image arrives one byte per 0.2 s; what the server answers, and
     after how long."""
-    reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    transport, answer = await loop.create_connection(AnswerCollector, host, port)
     part = (
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
         "Content-Type: image/png\r\n\r\n"
@@ -54,30 +77,25 @@ async def trickle_upload(host: str, port: int, for_s: float) -> tuple[int, dict,
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
         "Content-Length: 100000\r\n\r\n"
     ).encode()
-    writer.write(head + part)
-    await writer.drain()
+    transport.write(head + part)
     started = time.monotonic()
     try:
-        first = b""
-        while not first and time.monotonic() - started < for_s:
+        while not answer.first_byte.is_set() and time.monotonic() - started < for_s:
             try:
-                first = await asyncio.wait_for(reader.read(1), 0.2)
-                if not first:
-                    break  # closed without an answer
+                await asyncio.wait_for(answer.first_byte.wait(), 0.2)
             except TimeoutError:
-                try:
-                    writer.write(b"x")
-                    await writer.drain()
-                except OSError:  # the server closed its side; its answer may be waiting
-                    first = await asyncio.wait_for(reader.read(1), 5)
-                    break
-        if not first:
+                if not transport.is_closing():
+                    transport.write(b"x")
+        if not answer.received:
             return 0, {}, {}, time.monotonic() - started
         seconds = time.monotonic() - started
-        raw = first + await asyncio.wait_for(reader.read(), 15)
-        return (*parse_response(raw), seconds)
+        try:
+            await asyncio.wait_for(answer.closed.wait(), 15)
+        except TimeoutError:
+            pass  # a kept-alive connection: the answer is what arrived
+        return (*parse_response(bytes(answer.received)), seconds)
     finally:
-        writer.close()
+        transport.close()
 
 
 def parse_response(raw: bytes) -> tuple[int, dict, dict]:
