@@ -11,7 +11,7 @@ The root is `$SERVE_APP_CACHE`, else `~/.cache/serve_app`. Under it::
     │   └── jobs/                job results (`job_images_dir`), kept as long as their jobs
     ├── lora/                    S3 adapters the ingress's registries download (`lora_dir`)
     │   └── <deployment name>/   ... and those a model deployment's replicas download
-    └── tiny-flux-kontext-v<N>/  the embedded tiny model (`tiny_model_dir`)
+    └── tiny-<family>-v<N>/      the embedded tiny model of each family (`tiny_model_dir`)
 
 `storage.local_dir` moves `images/` (and so `images/jobs/`), and a model's `cache_dir` its tiny
 model; nothing else moves. Secrets are made once per machine by `stored_secret` (0600, written
@@ -78,6 +78,7 @@ def lora_dir(deployment_name: str | None = None) -> Path:
     return root / deployment_name if deployment_name else root
 
 
-def tiny_model_dir(version: str) -> Path:
-    """The embedded tiny model of build recipe `version` (`serve_app.tiny.TINY_VERSION`)."""
-    return cache_root() / f"tiny-flux-kontext-v{version}"
+def tiny_model_dir(version: str, family: str = "flux-kontext") -> Path:
+    """The embedded tiny model of a family at build recipe `version` (its runner's
+    `tiny_version`)."""
+    return cache_root() / f"tiny-{family}-v{version}"

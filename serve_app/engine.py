@@ -1,8 +1,10 @@
-"""Load and run the FLUX Kontext pipeline. No HTTP, no Ray.
+"""Load and run a model family's diffusers pipelines. No HTTP, no Ray.
 
 Written as numbered steps like a diffusers ``__call__``: the engine turns a group of compatible
 requests (``contract.ModelRequest``s grouped by ``batching``) into one pipeline call with a
 prompt list and one seeded ``torch.Generator`` per image, and returns PIL images per request.
+What differs between families (which pipeline, which arguments, which tokenizer) is the
+family's runner (``serve_app.families``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from serve_app.batching import group_key
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, PreviewImages
 from serve_app.engine_adapters import AdapterLoadError, linear_shapes, read_adapter_file
+from serve_app.families import family_runner
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
 from serve_app.memory_fit import MemoryFit, fit_memory
@@ -78,16 +81,18 @@ class CudaMemoryProbe:
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
-class FluxEngine:
-    """Owns one FluxKontextPipeline; not thread-safe, so callers run one call at a time."""
+class ImageEngine:
+    """Owns one model's pipelines; not thread-safe, so callers run one call at a time."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
-        # diffusers pipelines (Any: the LoRA, offload and cache methods come from mixins).
+        # What differs between families: pipeline classes, call arguments, tokenizer, latents.
+        self.family = family_runner(config)
+        # The family's main diffusers pipeline (Any: the LoRA, offload and cache methods come
+        # from mixins); its variants for edits live on the runner.
         self.pipe: Any = None
-        self.inpaint_pipe: Any = None
         # The transformer's latest prediction, for preview estimates.
         self._velocity: torch.Tensor | None = None
         self._preview_projection: torch.Tensor | None = None  # latent_rgb: (17, 3) latent -> RGB
@@ -110,8 +115,6 @@ class FluxEngine:
 
     def load(self) -> None:
         """1. Check options, 2. load weights with `from_pretrained`, 3. place them, 4. speed-ups."""
-        from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
-
         config, speed = self.config, self.config.speed
         if speed.quantization == "fp8" and self.device != "cuda":
             raise ModelLoadError(
@@ -130,15 +133,13 @@ class FluxEngine:
         if source == "tiny":
             from serve_app.tiny import ensure_tiny_model
 
-            source = str(ensure_tiny_model(config.cache_dir))
+            source = str(ensure_tiny_model(config.cache_dir, config.family))
         started = time.perf_counter()
         try:
             if source == "synthetic":
-                from serve_app.synthetic import build_pipeline
-
-                pipe = build_pipeline(self.device, self.dtype)
+                pipe = self.family.build_synthetic(self.device, self.dtype)
             else:
-                pipe = FluxKontextPipeline.from_pretrained(source, dtype=self.dtype)
+                pipe = self.family.load(source, self.dtype)
             if config.cpu_offload:
                 pipe.enable_model_cpu_offload()
             elif self.device != "cpu" and source != "synthetic":
@@ -155,7 +156,7 @@ class FluxEngine:
                 "reachable with access granted (HF_TOKEN)."
             ) from exc
         pipe.set_progress_bar_config(disable=True)
-        self._counting_tokenizer = copy.deepcopy(pipe.tokenizer_2)
+        self._counting_tokenizer = copy.deepcopy(self.family.text_tokenizer(pipe))
         self._linear_shapes = linear_shapes(pipe)
         if config.vae_tiling:
             pipe.vae.enable_tiling()
@@ -172,10 +173,9 @@ class FluxEngine:
         pipe.transformer.register_forward_hook(self._remember_velocity)
         self.pipe = pipe
         if config.preview_decoder == "latent_rgb":
-            self._preview_projection = fit_latent_rgb(pipe, self.device)
-        # Masked edits: the inpaint variant over the same modules, no second copy of the weights.
-        self.inpaint_pipe = FluxKontextInpaintPipeline.from_pipe(pipe)
-        self.inpaint_pipe.set_progress_bar_config(disable=True)
+            self._preview_projection = fit_latent_rgb(self.family, pipe, self.device)
+        # Edits' and masked edits' variants over the same modules, no second copy of the weights.
+        self.family.attach(pipe)
         logger.info(
             "Loaded %s from %s on %s (%s) in %.1fs; speed options: %s",
             config.id,
@@ -217,7 +217,9 @@ class FluxEngine:
         self, packed_latents: torch.Tensor, width: int, height: int
     ) -> list[Image.Image]:
         """Images from packed latents with the configured preview decoder."""
-        return decode_preview(self.pipe, packed_latents, width, height, self._preview_projection)
+        return decode_preview(
+            self.family, self.pipe, packed_latents, width, height, self._preview_projection
+        )
 
     def warmup(self) -> None:
         """One short text-to-image and one edit per warm-up size, so no client pays for first
@@ -319,7 +321,9 @@ class FluxEngine:
     def read_adapter(self, name: str, path: str) -> dict[str, torch.Tensor]:
         """An adapter file as a state dict in diffusers' layout, checked against this model's
         layers (so a mismatch is refused before anything is injected; `engine_adapters`)."""
-        return read_adapter_file(name, path, self._linear_shapes, self.config.id)
+        return read_adapter_file(
+            name, path, self._linear_shapes, self.config.id, self.family.lora_state_dict
+        )
 
     def add_adapter(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Inject a read adapter (inactive until a call asks for it)."""
@@ -415,8 +419,10 @@ class FluxEngine:
             ]
             if previews:
                 # Flow matching: x_next = x + (sigma_next - sigma) * v, so the current estimate
-                # of the final latents is x_next - sigma_next * v.
-                sigma_next = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)
+                # of the final latents is x_next - sigma_next * v. The scheduler's step index
+                # is past this step (image-to-image calls start part-way down the schedule).
+                sigmas, index = pipe.scheduler.sigmas, pipe.scheduler.step_index
+                sigma_next = sigmas[index].to(latents.device, latents.dtype)
                 assert self._velocity is not None  # the forward hook set it this step
                 velocity = self._velocity[:, : latents.shape[1]].to(latents.dtype)
                 for offset, request, events in previews:
@@ -433,8 +439,9 @@ class FluxEngine:
             if step_callback is not None:
                 step_callback(step, first.steps, requests, latents)
 
-        # 4. Inputs per image: text only, a conditioning canvas, or canvas + image + mask.
-        #    Conditioning arrives at its final size, so the pipelines must not resize it again.
+        # 4. Inputs per image: text only, a conditioning canvas, or canvas + image + mask; the
+        #    family picks the pipeline and adds its own arguments. Conditioning arrives at its
+        #    final size, so the pipelines must not resize it again.
         def per_image(values):
             return [
                 value
@@ -442,35 +449,24 @@ class FluxEngine:
                 for _ in request.seeds
             ]
 
-        kwargs = dict(
-            prompt=prompts,
-            width=first.width,
-            height=first.height,
-            max_area=first.width * first.height,  # stop Kontext rescaling to its 1 MP default
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            generator=generators,
-            max_sequence_length=self.config.max_sequence_length,
-            callback_on_step_end=callback,
-            output_type="pil" if decode else "latent",
+        pipe, kwargs = self.family.call(
+            requests,
+            per_image,
+            dict(
+                prompt=prompts,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                generator=generators,
+                max_sequence_length=self.config.max_sequence_length,
+                callback_on_step_end=callback,
+                output_type="pil" if decode else "latent",
+            ),
         )
-        pipe = self.pipe
-        if first.masked:
-            pipe = self.inpaint_pipe
-            kwargs.update(
-                image=per_image(request.init_image for request in requests),
-                mask_image=per_image(request.mask for request in requests),
-                image_reference=per_image(request.conditioning[0] for request in requests),
-                strength=1.0,
-                _auto_resize=False,
-            )
-        elif first.conditioning:
-            kwargs.update(
-                image=per_image(request.conditioning[0] for request in requests), _auto_resize=False
-            )
 
         # 5. Denoise and decode. The cache context is what diffusers' step caches key their state
-        #    on (Kontext has no unconditional pass, so one "cond" context covers the call).
+        #    on (FLUX.1 has no unconditional pass, so one "cond" context covers the call).
         try:
             with torch.inference_mode(), pipe.transformer.cache_context("cond"):
                 images = pipe(**kwargs).images

@@ -8,7 +8,7 @@ pipeline thread may be wrapping or unwrapping for other adapters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,14 +30,17 @@ def linear_shapes(pipe: Any) -> dict[str, tuple[int, int]]:
 
 
 def read_adapter_file(
-    name: str, path: str, shapes: Mapping[str, tuple[int, int]], model_id: str
+    name: str,
+    path: str,
+    shapes: Mapping[str, tuple[int, int]],
+    model_id: str,
+    lora_state_dict: Callable[[str], tuple[dict, dict | None]],
 ) -> dict[str, torch.Tensor]:
-    """An adapter file as a state dict in diffusers' layout, checked against the model's layers
-    `shapes` (so a mismatch is refused before anything is injected)."""
-    from diffusers import FluxKontextPipeline
-
+    """An adapter file as a state dict in diffusers' layout (the family's `lora_state_dict`),
+    checked against the model's layers `shapes` (so a mismatch is refused before anything is
+    injected)."""
     try:
-        state, alphas = FluxKontextPipeline.lora_state_dict(path, return_alphas=True)
+        state, alphas = lora_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
         reason = str(exc).replace(path, f"{name}.safetensors")  # no server paths to clients
         raise AdapterLoadError(

@@ -4,7 +4,7 @@ At warm-up a GPU replica measures the peak memory of a call of one image and of 
 its largest warm-up size. Peak memory is close to linear in the pixels of a call (activations
 scale with tokens; weights and workspace are the constant part), so two points give the constant
 and the cost per pixel, and with the device's capacity the largest call that fits. Pure
-arithmetic; the measuring is the engine's (`FluxEngine.measure_memory`).
+arithmetic; the measuring is the engine's (`ImageEngine.measure_memory`).
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ def _default_engine_cls(config: ModelConfig):
         from serve_app.parallel import ParallelEngine
 
         return ParallelEngine
-    from serve_app.engine import FluxEngine
+    from serve_app.engine import ImageEngine
 
-    return FluxEngine
+    return ImageEngine
 
 
 def _replica_id() -> str:

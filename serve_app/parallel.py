@@ -1,6 +1,6 @@
 """A model replica across several GPUs: rank 0 is the Serve replica, ranks 1..N-1 Ray actors.
 
-`ParallelEngine` is a `FluxEngine` whose process joins a process group with N-1 `RankWorker`
+`ParallelEngine` is a `ImageEngine` whose process joins a process group with N-1 `RankWorker`
 actors started in the replica's own placement group (one bundle per rank; the builder derives
 them from `parallel`, `ImageModel.deployment_options`). Every rank loads the same pipeline with
 the same speed switches; each call, adapter load and removal is sent to every rank, and all
@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, ReplicaUnavailable
-from serve_app.engine import FluxEngine, StepCallback
+from serve_app.engine import ImageEngine, StepCallback
 from serve_app.sequence_parallel import StepAgreement, join_group, leave_group, start_serving
 
 logger = logging.getLogger("ray.serve")
@@ -59,10 +59,10 @@ def _free_address() -> str:
         return f"{host}:{sock.getsockname()[1]}"
 
 
-def _rank_engine(config: ModelConfig, address: str, rank: int) -> FluxEngine:
+def _rank_engine(config: ModelConfig, address: str, rank: int) -> ImageEngine:
     """Join the group, then build and load this rank's engine (diffusers' parallel setup in
     `load` is itself a collective: every rank loads at the same time)."""
-    engine = FluxEngine(config)
+    engine = ImageEngine(config)
     join_group(address, rank, config.parallel, engine.device)
     engine.lockstep = StepAgreement(engine.device)
     engine.load()
@@ -71,7 +71,7 @@ def _rank_engine(config: ModelConfig, address: str, rank: int) -> FluxEngine:
 
 
 class RankWorker:
-    """Rank 1..N-1 of a sequence-parallel replica: a FluxEngine that runs every call it is sent
+    """Rank 1..N-1 of a sequence-parallel replica: a ImageEngine that runs every call it is sent
     in lockstep with rank 0 and returns nothing (rank 0 decodes)."""
 
     def __init__(self, config: dict, address: str, rank: int, threads: int) -> None:
@@ -108,7 +108,7 @@ class RankWorker:
 RemoteRankWorker: Any = ray.remote(RankWorker)
 
 
-class ParallelEngine(FluxEngine):
+class ParallelEngine(ImageEngine):
     """Rank 0 of a sequence-parallel replica (see the module docstring)."""
 
     def __init__(self, config: ModelConfig) -> None:

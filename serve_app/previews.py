@@ -13,8 +13,8 @@ from PIL import Image
 
 
 @torch.inference_mode()
-def fit_latent_rgb(pipe, device: str) -> torch.Tensor:
-    """Least-squares linear map (17, 3) from this model's latents (+1) to RGB.
+def fit_latent_rgb(family, pipe, device: str) -> torch.Tensor:
+    """Least-squares linear map (C + 1, 3) from this model's latents (+1) to RGB.
 
     Encodes a calibration image of random colour blocks with the model's own VAE and fits
     RGB (at latent resolution) ~ [latent, 1] @ W, so it works for any VAE, the tiny one too.
@@ -24,8 +24,7 @@ def fit_latent_rgb(pipe, device: str) -> torch.Tensor:
     blocks = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)
     pixels = torch.from_numpy(blocks.repeat(cell, 0).repeat(cell, 1)).float() / 127.5 - 1
     image = pixels.permute(2, 0, 1)[None].to(device, pipe.vae.dtype)
-    latents = pipe.vae.encode(image).latent_dist.mode()
-    latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    latents = family.encode(pipe, image)  # (1, C, h, w) as the transformer sees them
     features = latents[0].permute(1, 2, 0).reshape(-1, latents.shape[1]).float().cpu()
     features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
     target = torch.from_numpy(blocks.reshape(-1, 3)).float() / 127.5 - 1
@@ -34,6 +33,7 @@ def fit_latent_rgb(pipe, device: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode_preview(
+    family,
     pipe,
     packed_latents: torch.Tensor,
     width: int,
@@ -41,11 +41,9 @@ def decode_preview(
     projection: torch.Tensor | None,
 ) -> list[Image.Image]:
     """Images from packed latents: the full VAE when `projection` is None, else the linear map."""
-    latents = pipe._unpack_latents(packed_latents, height, width, pipe.vae_scale_factor)
+    latents = family.unpack_latents(pipe, packed_latents, width, height)
     if projection is None:
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(decoded, output_type="pil")
+        return pipe.image_processor.postprocess(family.decode(pipe, latents), output_type="pil")
     rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), projection[:-1]) + projection[-1]
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return [Image.fromarray(p).resize((width, height), Image.Resampling.BILINEAR) for p in pixels]

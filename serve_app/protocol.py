@@ -276,6 +276,10 @@ class ModelLimits(BaseModel):
     default_size: str
     sizes: list[str] = Field(description="The model's preferred `WxH` resolutions.")
     quality_steps: dict[str, int] = Field(description="Denoising steps per `quality`.")
+    masked_edits: bool = Field(default=True, description="Edits may carry a `mask`.")
+    multi_image_edits: bool = Field(
+        default=True, description="Edits may carry several input images."
+    )
 
 
 class ModelCard(BaseModel):
@@ -283,6 +287,14 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "serve_app"
+    family: str | None = Field(
+        default=None, description="Extension: the model family (docs/api.md), e.g. `flux`."
+    )
+    endpoints: list[str] | None = Field(
+        default=None,
+        description="Extension: the endpoints this model serves, of `generations`, `edits`, "
+        "`variations` (others answer 400 naming `model`).",
+    )
     limits: ModelLimits | None = Field(default=None, description="Extension: this model's limits.")
     parent: str | None = Field(
         default=None, description="Extension: for `<model>:<adapter>` entries, the base model."

@@ -16,6 +16,7 @@ from serve_app.adapters import check_name, not_found
 from serve_app.config import ModelConfig, UploadLimits
 from serve_app.contract import AdapterRef, APIError, ModelRequest
 from serve_app.dataclass_json import from_jsonable, to_jsonable
+from serve_app.families import Endpoint, traits
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
 from serve_app.protocol import (
     MAX_SEED,
@@ -165,14 +166,43 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str, param: st
     return value
 
 
+def endpoint_of(request: ImageOptions) -> Endpoint:
+    if isinstance(request, ImageEditRequest):
+        return "edits"
+    if isinstance(request, ImageVariationRequest):
+        return "variations"
+    return "generations"
+
+
 def select_model_and_adapter(
-    requested: str | None, models: dict[str, ModelConfig]
+    requested: str | None, models: dict[str, ModelConfig], endpoint: Endpoint = "generations"
 ) -> tuple[ModelConfig, str | None]:
-    """The named model and, for `<model>:<adapter>`, the adapter name; unknown models are a 404.
+    """The named model and, for `<model>:<adapter>`, the adapter name; unknown models are a 404,
+    a model whose family does not serve `endpoint` a 400. Without `model`: the first model
+    that serves the endpoint.
 
     A model id may itself contain `:`; the full name is looked up first."""
     if requested is None or requested == "":
-        return next(iter(models.values())), None
+        serving = [model for model in models.values() if traits(model.family).serves(endpoint)]
+        return (serving or list(models.values()))[0], None
+    model, adapter = _named_model(requested, models)
+    return check_endpoint(model, endpoint), adapter
+
+
+def check_endpoint(model: ModelConfig, endpoint: Endpoint) -> ModelConfig:
+    family = traits(model.family)
+    if not family.serves(endpoint):
+        serving = ", ".join(f"/v1/images/{name}" for name in family.endpoints)
+        raise APIError(
+            f"Model {model.id!r} ({family.title}) does not serve /v1/images/{endpoint}; it "
+            f"serves {serving}. GET /v1/models lists what each model serves.",
+            param="model",
+            code="invalid_value",
+        )
+    return model
+
+
+def _named_model(requested: str, models: dict[str, ModelConfig]) -> tuple[ModelConfig, str | None]:
     if requested in models:
         return models[requested], None
     base, colon, adapter = requested.rpartition(":")
@@ -253,6 +283,25 @@ def auto_size(
     return nearest_resolution(*input_size, model.resolution_buckets)
 
 
+def _check_inputs(model: ModelConfig, masked: bool, input_images: int) -> None:
+    """What the model's family can condition on: a mask, several input images."""
+    family = traits(model.family)
+    if masked and not family.masked_edits:
+        raise APIError(
+            f"Model {model.id!r} ({family.title}) does not support masked edits; send the edit "
+            "without 'mask', or use a model that does (GET /v1/models).",
+            param="mask",
+            code="unsupported_value",
+        )
+    if input_images > 1 and not family.multi_image_edits:
+        raise APIError(
+            f"Model {model.id!r} ({family.title}) edits one input image; {input_images} were "
+            "sent. Send one, or use a model that takes several (GET /v1/models).",
+            param="image",
+            code="unsupported_value",
+        )
+
+
 def _check_prompt(request: ImageOptions, model: ModelConfig, limits: UploadLimits | None) -> str:
     if isinstance(request, ImageVariationRequest):
         return model.variation_prompt
@@ -295,12 +344,15 @@ def resolve_generation(
     limits: UploadLimits | None = None,
     input_size: tuple[int, int] | None = None,
     masked: bool = False,
+    input_images: int = 0,
 ) -> ResolvedGeneration:
     """Apply defaults and bounds; raise `APIError` naming the first bad parameter.
 
-    `input_size` is the (first) input image's size for edits and variations.
+    `input_size` is the (first) input image's size for edits and variations, `input_images`
+    how many images an edit sent.
     """
-    model, adapter_in_model = select_model_and_adapter(request.model, models)
+    model, adapter_in_model = select_model_and_adapter(request.model, models, endpoint_of(request))
+    _check_inputs(model, masked, input_images)
     prompt = _check_prompt(request, model, limits)
     adapters, adapters_param = resolve_adapters(request, model, adapter_in_model)
     if request.n > max_n:

@@ -8,7 +8,7 @@ branches are scaled down by depth, so activations stay finite in bf16 through an
 steps. Tokenizers with the real vocabulary sizes are built in memory. Images are noise; FLOPs,
 memory and shapes are the real model's.
 
-    python -m serve_app.synthetic --param-counts   # every component on the meta device
+    python -m serve_app.synthetic --param-counts [NAME]  # every component, on the meta device
     python -m serve_app.synthetic --flops 1024x1024  # transformer FLOPs per denoising step
 """
 
@@ -204,11 +204,19 @@ def build_tokenizers():
     return clip, t5
 
 
-def build_pipeline(device: str, dtype, overrides: dict[str, dict[str, Any]] | None = None):
-    """A `FluxKontextPipeline` with the real architecture and seeded random weights, built on
-    `device` in `dtype` (seconds on a GPU: nothing is materialised on the CPU first)."""
+def build_pipeline(
+    device: str,
+    dtype,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    pipeline_cls: Any = None,
+):
+    """A `FluxKontextPipeline` (or `pipeline_cls`: FLUX.1 [dev]'s `FluxPipeline`) with the real
+    architecture and seeded random weights, built on `device` in `dtype` (seconds on a GPU:
+    nothing is materialised on the CPU first)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    pipeline_cls = pipeline_cls or FluxKontextPipeline
 
     components = build_components(device, dtype, overrides)
     generator = torch.Generator(device=device).manual_seed(SEED)
@@ -224,7 +232,7 @@ def build_pipeline(device: str, dtype, overrides: dict[str, dict[str, Any]] | No
     randomize(t5, t5.config.num_layers, generator)
     randomize(components["vae"], 1, generator)  # no residual stream to protect: GroupNorms
     clip_tokenizer, t5_tokenizer = build_tokenizers()
-    return FluxKontextPipeline(
+    return pipeline_cls(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
         tokenizer=clip_tokenizer,
         tokenizer_2=t5_tokenizer,
@@ -269,21 +277,41 @@ def flops_per_step(
     return counter.get_total_flops()
 
 
-def param_counts() -> dict[str, int]:
-    """Parameters of each component (shared tensors counted once), built on the meta device."""
+# Published checkpoints of this architecture: what each changes from FLUX.1-Kontext-dev's configs.
+# FLUX.1 [dev] is the same network; [schnell] is timestep-distilled without guidance embedding.
+FLUX_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "flux1-kontext-dev": {},
+    "flux1-dev": {},
+    "flux1-schnell": {"transformer": {"guidance_embeds": False}},
+}
+
+
+def param_counts(name: str = "flux1-kontext-dev") -> dict[str, int]:
+    """Parameters of each component of checkpoint `name` (shared tensors counted once), built
+    on the meta device."""
+    if name not in FLUX_VARIANTS:
+        raise ValueError(f"unknown checkpoint {name!r}; known: {', '.join(FLUX_VARIANTS)}")
     return {
-        name: sum(p.numel() for p in module.parameters())
-        for name, module in build_components("meta").items()
+        component: sum(p.numel() for p in module.parameters())
+        for component, module in build_components("meta", overrides=FLUX_VARIANTS[name]).items()
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--param-counts", action="store_true", help="print them as JSON")
+    parser.add_argument(
+        "--param-counts",
+        nargs="?",
+        const="flux1-kontext-dev",
+        metavar="NAME",
+        help=f"print them as JSON for NAME (default flux1-kontext-dev): {', '.join(FLUX_VARIANTS)}",
+    )
     parser.add_argument("--flops", metavar="WxH", help="transformer FLOPs per step at a size")
     args = parser.parse_args(argv)
     if args.param_counts:
-        print(json.dumps(param_counts(), indent=2))
+        if args.param_counts not in FLUX_VARIANTS:
+            parser.error(f"unknown NAME {args.param_counts!r}; known: {', '.join(FLUX_VARIANTS)}")
+        print(json.dumps(param_counts(args.param_counts), indent=2))
     elif args.flops:
         width, height = parse_wxh(args.flops)
         print(json.dumps({

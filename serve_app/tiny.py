@@ -1,4 +1,5 @@
-"""The embedded tiny FLUX Kontext model.
+"""The embedded tiny FLUX.1 model (Kontext, and [dev] under another pipeline class), and the
+cache that every family's tiny model is saved in.
 
 A randomly initialised ``FluxKontextPipeline`` with the real geometry (VAE downscale 8, 16 latent
 channels, transformer ``in_channels=64``) so token counts and shapes match FLUX.1-Kontext-dev at any
@@ -18,8 +19,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-# Bump when the architecture or the build recipe changes, so stale caches are not reused.
-TINY_VERSION = "1"
 TINY_SEED = 0
 T5_MAX_LENGTH = 512
 
@@ -34,11 +33,19 @@ _COMMON_WORDS = (
 ).split()
 
 
-def default_cache_dir() -> Path:
-    """Where the tiny model is saved: ``$SERVE_APP_CACHE`` or ``~/.cache/serve_app``."""
+def default_cache_dir(family: str = "flux-kontext") -> Path:
+    """Where a family's tiny model is saved: under ``$SERVE_APP_CACHE`` (or
+    ``~/.cache/serve_app``)."""
     from serve_app.cache import tiny_model_dir
 
-    return tiny_model_dir(TINY_VERSION)
+    return tiny_model_dir(_runner(family).tiny_version, family)
+
+
+def _runner(family: str):
+    from serve_app.config import ModelConfig
+    from serve_app.families import family_runner
+
+    return family_runner(ModelConfig.model_validate({"family": family, "source": "tiny"}))
 
 
 def _t5_vocab() -> list[tuple[str, float]]:
@@ -162,20 +169,21 @@ def build_tiny_pipeline():
     )
 
 
-def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
-    """Return a directory holding the saved tiny model, building it on first use.
+def ensure_tiny_model(cache_dir: str | Path | None = None, family: str = "flux-kontext") -> Path:
+    """Return a directory holding the saved tiny model of `family`, building it on first use
+    (each family's runner says how: `FamilyRunner.build_tiny`).
 
     Several replicas may start at once: each builds into its own temporary directory and the first
     rename wins, so a reader never sees a half-written model.
     """
-    target = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = Path(cache_dir) if cache_dir else default_cache_dir(family)
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Building the embedded tiny FLUX Kontext model into %s", target)
+    logger.info("Building the embedded tiny %s model into %s", family, target)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp)
+        _runner(family).build_tiny().save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -40,7 +40,7 @@ from serve_app.bench.gpu_table import peak_tflops, table
 from serve_app.bench.machine import Budget, bench_job, describe
 
 if TYPE_CHECKING:
-    from serve_app.engine import FluxEngine
+    from serve_app.engine import ImageEngine
 
 # diffusers' attention backends that need no package beyond torch are tried; the others are
 # tried too and reported with the reason when they do not load (no flash-attn, sageattention...).
@@ -132,7 +132,7 @@ class Bench:
         self.machine = describe()
         self.peak_tflops = args.peak_tflops or peak_tflops(self.machine.get("gpu"))
         self.rows: list[dict] = []
-        self.engine: FluxEngine | None = None
+        self.engine: ImageEngine | None = None
         self.weights: str | None = None  # what the engine holds: plain, compiled, fp8...
         self.flops: dict[tuple[int, int, int], int] = {}
         # This run's measurements, to estimate the steps after them.
@@ -145,7 +145,7 @@ class Bench:
     # -- engine ---------------------------------------------------------------------------
     def load(self, weights: str = "plain", **speed) -> None:
         from serve_app.config import ModelConfig, SpeedConfig
-        from serve_app.engine import FluxEngine
+        from serve_app.engine import ImageEngine
 
         self.unload()
         width, height = self.size
@@ -159,7 +159,7 @@ class Bench:
             max_pixels=4096 * 4096,
             default_size=f"{width}x{height}",
         )
-        engine = FluxEngine(self.config)
+        engine = ImageEngine(self.config)
         started = time.perf_counter()
         engine.load()
         self.load_s = round(time.perf_counter() - started, 2)
@@ -173,7 +173,7 @@ class Bench:
             self.load()
 
     @property
-    def loaded(self) -> FluxEngine:
+    def loaded(self) -> ImageEngine:
         if self.engine is None:
             raise RuntimeError("no engine: load() first")
         return self.engine

@@ -49,9 +49,9 @@ def _measure(config: dict, width: int, height: int, steps: int | None, repeats: 
 
         engine: Any = ParallelEngine(model)
     else:
-        from serve_app.engine import FluxEngine
+        from serve_app.engine import ImageEngine
 
-        engine = FluxEngine(model)
+        engine = ImageEngine(model)
     engine.load()
     steps = steps or model.quality_steps.medium
     request = ModelRequest("bench", "a lighthouse at dawn", width, height, steps, 2.5, (1,))

@@ -98,11 +98,11 @@ def pipeline_baseline(
     import torch
 
     from serve_app.codec import encode_image
-    from serve_app.engine import FluxEngine
+    from serve_app.engine import ImageEngine
 
     config = model_config(args)
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
-    engine = FluxEngine(config)
+    engine = ImageEngine(config)
     started = time.perf_counter()
     engine.load()
     LOAD_S["in_process"] = time.perf_counter() - started

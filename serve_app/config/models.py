@@ -8,31 +8,14 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from serve_app.config.base import StrictModel
+from serve_app.families import FAMILIES, KONTEXT_RESOLUTIONS, FamilyName, traits
 from serve_app.geometry import PATCH, parse_wxh
 
 QualityName = Literal["low", "medium", "high"]
 
-# The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
-KONTEXT_RESOLUTIONS = [
-    "672x1568", "688x1504", "720x1456", "752x1392", "800x1328", "832x1248", "880x1184",
-    "944x1104", "1024x1024", "1104x944", "1184x880", "1248x832", "1328x800", "1392x752",
-    "1456x720", "1504x688", "1568x672",
-]  # fmt: skip
-
-
-def _half_side(resolution: str) -> str:
-    width, height = parse_wxh(resolution)
-    return f"{round(width / 32) * 16}x{round(height / 32) * 16}"
-
-
-# What `source: tiny` changes from the production defaults (explicit fields still win).
-TINY_DEFAULTS: dict[str, Any] = {
-    "quality_steps": {"low": 2, "medium": 4, "high": 8},
-    "default_quality": "medium",
-    "min_side": 64,
-    # Kontext's buckets at half the side (~0.25 MP): the same aspect ratios, CPU-friendly.
-    "preferred_resolutions": [_half_side(r) for r in KONTEXT_RESOLUTIONS],
-}
+# What `source: tiny` changes from the production defaults of FLUX.1 Kontext (explicit fields
+# still win); each family's own are `FamilyTraits.tiny_defaults`.
+TINY_DEFAULTS: dict[str, Any] = FAMILIES["flux-kontext"].tiny_defaults
 
 
 class QualitySteps(StrictModel):
@@ -172,6 +155,12 @@ class ModelConfig(StrictModel):
         min_length=1,
         description="Model id clients name in `model`; also listed by `GET /v1/models`.",
     )
+    family: FamilyName = Field(
+        default="flux-kontext",
+        description="Model family (docs/api.md lists what each serves): `flux-kontext` "
+        "(FLUX.1 Kontext [dev]), `flux` (FLUX.1 [dev] / [schnell]). It picks the pipelines, "
+        "the endpoints served and the defaults of the fields below.",
+    )
     source: str = Field(
         default="black-forest-labs/FLUX.1-Kontext-dev",
         min_length=1,
@@ -220,6 +209,13 @@ class ModelConfig(StrictModel):
         "vary the details.",
         min_length=1,
         description="Instruction used by `/v1/images/variations`.",
+    )
+    image_strength: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Families that edit by image-to-image (`flux`): how much of an unmasked "
+        "edit's or a variation's input is re-noised (1 = none of it is kept).",
     )
     preview_decoder: Literal["latent_rgb", "vae"] = Field(
         default="latent_rgb",
@@ -279,11 +275,18 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _tiny_defaults(cls, data: Any) -> Any:
-        """The embedded tiny model gets presets that keep CPU generation under a second."""
-        if isinstance(data, dict) and data.get("source") == "tiny":
-            data = {**TINY_DEFAULTS, **data}
-        return data
+    def _family_defaults(cls, data: Any) -> Any:
+        """The family's defaults, and for the embedded tiny model presets that keep CPU
+        generation under a second; fields the config sets win."""
+        if not isinstance(data, dict):
+            return data
+        family = data.get("family", "flux-kontext")
+        if family not in FAMILIES:
+            return data  # the field's own validation names the allowed families
+        defaults = dict(traits(family).defaults)
+        if data.get("source") == "tiny":
+            defaults |= traits(family).tiny_defaults
+        return {**defaults, **data}
 
     @field_validator("default_size")
     @classmethod

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from serve_app.adapters import AdapterRegistry, check_name
 from serve_app.config import AppArgs
 from serve_app.contract import APIError
+from serve_app.families import traits
 from serve_app.http.responses import signed_file
 from serve_app.openapi import openapi_document
 from serve_app.protocol import ModelCard, ModelLimits, ModelList, shown
@@ -48,6 +49,7 @@ class MetaRoutes:
     ) -> None:
         self.jobs = jobs
         self.model_ids = [model.id for model in args.models]
+        self.families = {model.id: traits(model.family) for model in args.models}
         self.limits = {
             model.id: ModelLimits(
                 min_side=model.min_side,
@@ -57,6 +59,8 @@ class MetaRoutes:
                 default_size=model.default_size,
                 sizes=model.preferred_resolutions,
                 quality_steps=model.quality_steps.model_dump(),
+                masked_edits=traits(model.family).masked_edits,
+                multi_image_edits=traits(model.family).multi_image_edits,
             )
             for model in args.models
         }
@@ -93,13 +97,14 @@ class MetaRoutes:
         )
 
     def _card(self, model_id: str, adapter: str | None = None) -> ModelCard:
-        if adapter is None:
-            return ModelCard(id=model_id, created=self.created, limits=self.limits[model_id])
+        family = self.families[model_id]
         return ModelCard(
-            id=f"{model_id}:{adapter}",
+            id=model_id if adapter is None else f"{model_id}:{adapter}",
             created=self.created,
+            family=family.name,
+            endpoints=list(family.endpoints),
             limits=self.limits[model_id],
-            parent=model_id,
+            parent=None if adapter is None else model_id,
         )
 
     def _adapter_names(self) -> dict[str, list[str]]:

@@ -102,6 +102,7 @@ class ImagesService:
                 limits=self.limits,
                 input_size=inputs.size,
                 masked=inputs.masked,
+                input_images=len(inputs.images),
             )
             buckets = self.configs[resolved.model_id].resolution_buckets
             output_size = (resolved.width, resolved.height)

@@ -253,7 +253,7 @@ def test_speed_switches_on_two_ranks_equal_one_rank_with_the_same_switches(
 
     from serve_app.config import ModelConfig
     from serve_app.contract import ModelRequest
-    from serve_app.engine import FluxEngine
+    from serve_app.engine import ImageEngine
 
     base = {"id": "t", "source": "tiny", "cache_dir": tiny_cache_dir, "warmup": False}
     canvas = Image.open(io.BytesIO(noise_png(512, 512, seed=4))).convert("RGB")
@@ -293,9 +293,9 @@ def test_speed_switches_on_two_ranks_equal_one_rank_with_the_same_switches(
     config = {**base, "speed": speed, "parallel": parallel}
     ours, skipped = ray.get(ray.remote(num_cpus=0)(two_ranks).remote(config))
     assert skipped > 0  # the cache skipped steps (agreed by both ranks: no hang)
-    cached = FluxEngine(ModelConfig(**base, speed={"first_block_cache_threshold": 0.3}))
+    cached = ImageEngine(ModelConfig(**base, speed={"first_block_cache_threshold": 0.3}))
     cached.load()
-    uncached = FluxEngine(ModelConfig(**base))
+    uncached = ImageEngine(ModelConfig(**base))
     uncached.load()
     for images, request in zip(ours, requests, strict=True):
         expected = [np.asarray(image) for image in cached.generate(request)[0]]

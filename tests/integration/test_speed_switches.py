@@ -58,9 +58,9 @@ def fast_app(serve_config, redeploy):
 def cached_engine(tiny_cache_dir):
     """The same model with the cache only: what the compiled one must reproduce."""
     from serve_app.config import ModelConfig
-    from serve_app.engine import FluxEngine
+    from serve_app.engine import ImageEngine
 
-    engine = FluxEngine(
+    engine = ImageEngine(
         ModelConfig(
             id="flux-kontext-tiny",
             source="tiny",

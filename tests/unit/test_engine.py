@@ -6,14 +6,14 @@ import torch
 
 from serve_app.config import ModelConfig
 from serve_app.contract import ModelRequest
-from serve_app.engine import FluxEngine, ModelLoadError
+from serve_app.engine import ImageEngine, ModelLoadError
 from tests.conftest import assert_batch_equivalent
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_cache_dir):
     torch.set_num_threads(2)
-    engine = FluxEngine(ModelConfig(id="tiny", source="tiny", cache_dir=tiny_cache_dir))
+    engine = ImageEngine(ModelConfig(id="tiny", source="tiny", cache_dir=tiny_cache_dir))
     engine.load()
     return engine
 
@@ -97,6 +97,6 @@ def test_token_count_uses_t5_tokenizer(engine):
 
 
 def test_missing_weights_fail_with_advice(tmp_path):
-    engine = FluxEngine(ModelConfig(id="x", source=str(tmp_path / "missing")))
+    engine = ImageEngine(ModelConfig(id="x", source=str(tmp_path / "missing")))
     with pytest.raises(ModelLoadError, match="HF_TOKEN"):
         engine.load()

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from serve_app.contract import APIError
-from serve_app.engine import FluxEngine
+from serve_app.engine import ImageEngine
 from serve_app.model import ImageModel
 from tests.conftest import make_job
 from tests.unit.conftest import Recorder
@@ -14,7 +14,7 @@ from tests.unit.conftest import Recorder
 BROKEN_WIDTH = 128
 
 
-class EngineBrokenForOneSize(FluxEngine):
+class EngineBrokenForOneSize(ImageEngine):
     """The real tiny engine, except that one geometry fails (a stand-in for e.g. an OOM)."""
 
     def generate(self, jobs, step_callback=None):

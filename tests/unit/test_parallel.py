@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from serve_app.app import parallel_capacity_problem
 from serve_app.config import AppArgs, ModelConfig, ParallelConfig
 from serve_app.contract import APIError, GenerationCancelled, ReplicaUnavailable
-from serve_app.engine import FluxEngine
+from serve_app.engine import ImageEngine
 from serve_app.jobs.failures import replica_lost
 from serve_app.model import ImageModel
 from serve_app.sequence_parallel import sequence_tokens, split_problem, uneven_splits
@@ -94,10 +94,10 @@ def test_gloo_refuses_a_sequence_that_does_not_split_evenly_nccl_takes_it():
 
 
 def test_the_engine_refuses_such_a_request_with_a_400_naming_size():
-    engine = FluxEngine(ModelConfig(id="m", source="tiny", parallel={"ulysses": 2}))
+    engine = ImageEngine(ModelConfig(id="m", source="tiny", parallel={"ulysses": 2}))
     error = api_error(engine.check_request, make_job(width=80, height=112))
     assert (error.status, error.param) == (400, "size")
-    FluxEngine(ModelConfig(id="m", source="tiny")).check_request(make_job(width=80, height=112))
+    ImageEngine(ModelConfig(id="m", source="tiny")).check_request(make_job(width=80, height=112))
 
 
 def test_a_lost_rank_is_a_503_with_retry_after_that_jobs_retry():
@@ -114,7 +114,7 @@ def test_a_lost_rank_is_a_503_with_retry_after_that_jobs_retry():
 
 @pytest.fixture(scope="module")
 def engine(tiny_cache_dir):
-    engine = FluxEngine(ModelConfig(id="t", source="tiny", cache_dir=tiny_cache_dir))
+    engine = ImageEngine(ModelConfig(id="t", source="tiny", cache_dir=tiny_cache_dir))
     engine.load()
     return engine
 

@@ -6,18 +6,18 @@ import torch
 
 from serve_app.config import ModelConfig
 from serve_app.contract import AdapterRef, ModelRequest
-from serve_app.engine import FluxEngine, ModelLoadError
+from serve_app.engine import ImageEngine, ModelLoadError
 
 STEPS = 8
 
 
-def load(tiny_cache_dir, **fields) -> FluxEngine:
-    engine = FluxEngine(ModelConfig(id="tiny", source="tiny", cache_dir=tiny_cache_dir, **fields))
+def load(tiny_cache_dir, **fields) -> ImageEngine:
+    engine = ImageEngine(ModelConfig(id="tiny", source="tiny", cache_dir=tiny_cache_dir, **fields))
     engine.load()
     return engine
 
 
-def generate(engine: FluxEngine, adapters: tuple[AdapterRef, ...] = ()) -> np.ndarray:
+def generate(engine: ImageEngine, adapters: tuple[AdapterRef, ...] = ()) -> np.ndarray:
     job = ModelRequest(
         request_id="t", prompt="a cat", width=128, height=128, steps=STEPS, guidance=2.5,
         seeds=(1,), adapters=adapters,
@@ -26,7 +26,7 @@ def generate(engine: FluxEngine, adapters: tuple[AdapterRef, ...] = ()) -> np.nd
     return np.asarray(image).astype(np.int16)
 
 
-def count_rest_of_transformer_calls(engine: FluxEngine) -> list[int]:
+def count_rest_of_transformer_calls(engine: ImageEngine) -> list[int]:
     """Real computations of the last transformer block (a cached step skips every block after
     the first; the block's own hook still runs, so count a layer inside it)."""
     calls = []

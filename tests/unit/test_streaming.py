@@ -9,7 +9,7 @@ import torch
 
 from serve_app.config import ModelConfig
 from serve_app.contract import Accepted, Completed, GenerationCancelled, PartialImage
-from serve_app.engine import FluxEngine
+from serve_app.engine import ImageEngine
 from serve_app.model import ImageModel
 from tests.conftest import assert_batch_equivalent, make_job
 
@@ -18,7 +18,7 @@ STEPS = 6
 
 def engine_for(tiny_cache_dir, decoder):
     torch.set_num_threads(2)
-    engine = FluxEngine(
+    engine = ImageEngine(
         ModelConfig(id="t", source="tiny", cache_dir=tiny_cache_dir, preview_decoder=decoder)
     )
     engine.load()

@@ -35,6 +35,17 @@ def test_parameter_counts_match_the_real_model(capsys):
     assert json.loads(capsys.readouterr().out) == PUBLISHED
 
 
+def test_flux1_dev_and_schnell_parameter_counts(capsys):
+    """FLUX.1 [dev] is Kontext's network (23,802,816,640 bytes of bf16 in its transformer's
+    safetensors index); [schnell] lacks the guidance embedder: 23,782,357,120 bytes."""
+    assert param_counts("flux1-dev") == PUBLISHED
+    assert main(["--param-counts", "flux1-schnell"]) == 0
+    schnell = json.loads(capsys.readouterr().out)
+    assert schnell == {**PUBLISHED, "transformer": 23_782_357_120 // 2}
+    with pytest.raises(SystemExit):
+        main(["--param-counts", "sdxl"])
+
+
 # The real depths (19 + 38 transformer blocks, 24 T5 layers, 12 CLIP layers) at narrow widths:
 # what keeps activations finite over depth and steps is the depth scaling, which this runs.
 NARROW = {
@@ -153,19 +164,19 @@ def test_engine_loads_source_synthetic_on_its_device(monkeypatch):
     device): narrowed here, since the full model does not fit a CI machine."""
     from serve_app import synthetic
     from serve_app.config import ModelConfig
-    from serve_app.engine import FluxEngine, ModelLoadError
+    from serve_app.engine import ImageEngine, ModelLoadError
     from tests.conftest import make_job
 
     built = []
 
-    def narrow_pipeline(device, dtype):
+    def narrow_pipeline(device, dtype, overrides=None, pipeline_cls=None):
         built.append((device, dtype))
-        return real_build(device, dtype, overrides=NARROW)
+        return real_build(device, dtype, overrides=NARROW, pipeline_cls=pipeline_cls)
 
     real_build = synthetic.build_pipeline
     monkeypatch.setattr(synthetic, "build_pipeline", narrow_pipeline)
     config = ModelConfig(id="synthetic", source="synthetic", device="cpu", dtype="bfloat16")
-    engine = FluxEngine(config)
+    engine = ImageEngine(config)
     engine.load()
     assert built == [("cpu", torch.bfloat16)]
     [[image]] = engine.generate([make_job(width=128, height=128, steps=3)])
@@ -174,4 +185,4 @@ def test_engine_loads_source_synthetic_on_its_device(monkeypatch):
 
     offload = ModelConfig(id="s", source="synthetic", device="cpu", cpu_offload=True)
     with pytest.raises(ModelLoadError, match="cpu_offload"):
-        FluxEngine(offload).load()
+        ImageEngine(offload).load()

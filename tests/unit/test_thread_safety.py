@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.engine import FluxEngine
+from serve_app.engine import ImageEngine
 from tests.conftest import make_job
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_cache_dir):
     torch.set_num_threads(2)
-    engine = FluxEngine(ModelConfig(id="tiny", source="tiny", cache_dir=tiny_cache_dir))
+    engine = ImageEngine(ModelConfig(id="tiny", source="tiny", cache_dir=tiny_cache_dir))
     engine.load()
     return engine
 

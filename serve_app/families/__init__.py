@@ -1,0 +1,112 @@
+"""Model families: what each served architecture can do, and the adapter that runs it.
+
+A family says which endpoints it serves, its size rules and defaults, and which diffusers
+pipelines run each kind of call. `FamilyTraits` (this module) is pure data that the config and
+the ingress read without torch; `family_runner` imports the family's engine side
+(`serve_app.families.<module>`), which loads, builds and calls the pipelines. The engine keeps
+one numbered path and asks the runner only what differs between families.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Endpoint = Literal["generations", "edits", "variations"]
+ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
+FamilyName = Literal["flux-kontext", "flux"]
+
+# The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
+KONTEXT_RESOLUTIONS = [
+    "672x1568", "688x1504", "720x1456", "752x1392", "800x1328", "832x1248", "880x1184",
+    "944x1104", "1024x1024", "1104x944", "1184x880", "1248x832", "1328x800", "1392x752",
+    "1456x720", "1504x688", "1568x672",
+]  # fmt: skip
+
+
+def half_side(resolution: str) -> str:
+    """A `WxH` resolution at half the side (a quarter of the pixels), sides multiples of 16."""
+    width, _, height = resolution.partition("x")
+    return f"{round(int(width) / 32) * 16}x{round(int(height) / 32) * 16}"
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What a family serves and its defaults; everything the ingress needs to know of it."""
+
+    name: str
+    title: str  # the checkpoints it serves, for messages and docs
+    endpoints: tuple[Endpoint, ...]
+    runner: str  # "module:Class" of its engine side, imported on the model replica only
+    masked_edits: bool = True
+    # Input images an edit may carry: one, or several (placed on one conditioning canvas).
+    multi_image_edits: bool = True
+    # How edits and variations condition on their input: "reference" (the model sees the image
+    # beside its own tokens: an instruction-editing model) or "image_to_image" (the input is
+    # re-noised by `image_strength` and denoised toward the prompt).
+    conditioning: Literal["reference", "image_to_image"] = "reference"
+    context_parallel: bool = True  # diffusers has a context-parallel plan for its transformer
+    text_encoder: str = "T5-XXL (512 tokens)"
+    max_text_tokens: int = 512
+    # ModelConfig defaults for this family (explicit fields win), and what `source: tiny` adds.
+    defaults: dict[str, Any] = field(default_factory=dict)
+    tiny_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def serves(self, endpoint: Endpoint) -> bool:
+        return endpoint in self.endpoints
+
+
+_TINY_STEPS = {"quality_steps": {"low": 2, "medium": 4, "high": 8}, "default_quality": "medium"}
+
+FAMILIES: dict[str, FamilyTraits] = {
+    "flux-kontext": FamilyTraits(
+        name="flux-kontext",
+        title="FLUX.1 Kontext [dev]",
+        endpoints=ENDPOINTS,
+        runner="serve_app.families.flux:FluxKontextRunner",
+        defaults={
+            "quality_steps": {"low": 12, "medium": 20, "high": 28},
+            "default_guidance": 2.5,
+            "preferred_resolutions": KONTEXT_RESOLUTIONS,
+        },
+        tiny_defaults={
+            **_TINY_STEPS,
+            "min_side": 64,
+            # Kontext's buckets at half the side (~0.25 MP): the same aspect ratios, CPU-friendly.
+            "preferred_resolutions": [half_side(r) for r in KONTEXT_RESOLUTIONS],
+        },
+    ),
+    "flux": FamilyTraits(
+        name="flux",
+        title="FLUX.1 [dev] / [schnell]",
+        endpoints=ENDPOINTS,
+        runner="serve_app.families.flux:FluxRunner",
+        multi_image_edits=False,
+        conditioning="image_to_image",
+        defaults={
+            "quality_steps": {"low": 12, "medium": 20, "high": 28},
+            "default_guidance": 3.5,
+            "preferred_resolutions": KONTEXT_RESOLUTIONS,
+        },
+        tiny_defaults={
+            **_TINY_STEPS,
+            "min_side": 64,
+            "preferred_resolutions": [half_side(r) for r in KONTEXT_RESOLUTIONS],
+        },
+    ),
+}
+
+
+def traits(name: str) -> FamilyTraits:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family_runner(config: Any) -> Any:
+    """The engine side (a `serve_app.families.base.FamilyRunner`) of a model's family, for its
+    `ModelConfig`; imported here so that torch and diffusers load only where a model runs."""
+    module, _, cls = traits(config.family).runner.partition(":")
+    return getattr(importlib.import_module(module), cls)(config)

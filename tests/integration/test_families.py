@@ -1,0 +1,156 @@
+"""Several model families behind one app, through the stock SDK: the session's FLUX.1 Kontext
+model and a FLUX.1 [dev] model (family `flux`, its own tiny model), each its own deployment with
+its own autoscaling. Every endpoint of the `flux` family, its one-image limit refused, streams
+with previews, and `/v1/models` saying what each model serves.
+"""
+
+import copy
+import io
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import decode_base64_image, pixels
+from tests.integration.conftest import APP_NAME, BATCH_WAIT_S
+from tests.integration.test_edits import center_mask
+
+FLUX = "flux-dev-tiny"
+FLUX_DEPLOYMENT = "ImageModel-" + FLUX
+KONTEXT = "flux-kontext-tiny"
+
+
+@pytest.fixture(scope="module")
+def two_families(base_url, serve_config, redeploy, tmp_path_factory):
+    """The session app serving a `flux` model too (restored afterwards); the new deployment
+    keeps two replicas while the Kontext one keeps its own autoscaling."""
+    config = copy.deepcopy(serve_config)
+    [app] = config["applications"]
+    app["args"]["models"].append(
+        {
+            "id": FLUX,
+            "family": "flux",
+            "source": "tiny",
+            "cache_dir": str(tmp_path_factory.mktemp("flux-tiny")),
+        }
+    )
+    app["deployments"].append(
+        {
+            "name": FLUX_DEPLOYMENT,
+            "ray_actor_options": {"num_cpus": 0.01},
+            "autoscaling_config": {"min_replicas": 2, "max_replicas": 2},
+            "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
+        }
+    )
+    redeploy(config)
+    try:
+        yield config
+    finally:
+        redeploy(serve_config)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def halves(left: str, right: str, size=(64, 64)) -> Image.Image:
+    image = Image.new("RGB", size, left)
+    image.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def test_models_list_each_family_with_what_it_serves(two_families, http):
+    cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+    assert cards[FLUX]["family"] == "flux" and cards[KONTEXT]["family"] == "flux-kontext"
+    for model in (FLUX, KONTEXT):
+        assert cards[model]["endpoints"] == ["generations", "edits", "variations"]
+    assert cards[FLUX]["limits"]["multi_image_edits"] is False
+    assert cards[KONTEXT]["limits"]["multi_image_edits"] is True
+    assert http.get(f"/v1/models/{FLUX}").json()["family"] == "flux"
+
+
+def test_each_family_is_its_own_deployment_with_its_own_replicas(two_families):
+    from ray import serve
+
+    deployments = serve.status().applications[APP_NAME].deployments
+    running = {name: sum(info.replica_states.values()) for name, info in deployments.items()}
+    assert running[FLUX_DEPLOYMENT] == 2
+    assert running["ImageModel-" + KONTEXT] >= 1
+
+
+def test_flux_generations_seeded_and_repeatable(two_families, client):
+    def generate(**extra):
+        return client.images.generate(
+            model=FLUX, prompt="a lighthouse", n=2, size="64x64",
+            extra_body={"seed": 7, "num_inference_steps": 3, **extra},
+        )  # fmt: skip
+
+    first, again = generate(), generate()
+    images = [pixels(item.b64_json) for item in first.data]
+    assert [image.shape for image in images] == [(64, 64, 3)] * 2
+    assert (images[0] != images[1]).mean() > 0.2  # seeds 7 and 8
+    assert [item.b64_json for item in first.data] == [item.b64_json for item in again.data]
+    assert (pixels(generate(seed=9).data[0].b64_json) != images[0]).mean() > 0.2
+    kontext = client.images.generate(
+        model=KONTEXT, prompt="a lighthouse", size="64x64",
+        extra_body={"seed": 7, "num_inference_steps": 3},
+    )  # fmt: skip
+    assert (pixels(kontext.data[0].b64_json) != images[0]).mean() > 0.2  # another model
+
+
+def test_flux_edits_and_variations_condition_on_the_image(two_families, client):
+    def edit(image, **fields):
+        return client.images.edit(
+            model=FLUX, image=("in.png", png(image)), prompt="make it blue", size="64x64",
+            extra_body={"seed": 3, "num_inference_steps": 4}, **fields,
+        )  # fmt: skip
+
+    red_blue = pixels(edit(halves("red", "blue")).data[0].b64_json)
+    white = pixels(edit(Image.new("RGB", (64, 64), "white")).data[0].b64_json)
+    assert red_blue.shape == (64, 64, 3) and (red_blue != white).mean() > 0.2
+    variation = client.images.create_variation(
+        model=FLUX, image=("in.png", png(halves("red", "blue"))), size="64x64", n=2
+    )
+    assert [decode_base64_image(item.b64_json).size for item in variation.data] == [(64, 64)] * 2
+
+
+def test_flux_masked_edit_keeps_the_unmasked_pixels(two_families, client):
+    source = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    )
+    mask, editable = center_mask()
+    answer = client.images.edit(
+        model=FLUX, image=("in.png", png(source)), mask=("mask.png", mask), prompt="a hole",
+        extra_body={"seed": 1, "num_inference_steps": 3},
+    )  # fmt: skip
+    out, original = pixels(answer.data[0].b64_json), np.asarray(source).astype(np.int16)
+    assert out.shape == original.shape
+    assert np.array_equal(out[~editable], original[~editable])
+    assert (out[editable] != original[editable]).mean() > 0.5
+
+
+def test_flux_refuses_two_input_images_naming_image(two_families, client):
+    images = [("a.png", png(halves("red", "blue"))), ("b.png", png(halves("white", "black")))]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.edit(model=FLUX, image=images, prompt="merge them", size="64x64")
+    error = refused.value.body
+    assert error["param"] == "image" and FLUX in error["message"]
+    kontext = client.images.edit(model=KONTEXT, image=images, prompt="merge", size="64x64")
+    assert len(kontext.data) == 1  # Kontext places both on one canvas
+
+
+def test_flux_streams_previews_then_images(two_families, client):
+    events = list(
+        client.images.edit(
+            model=FLUX, image=("in.png", png(halves("red", "blue"))), prompt="blue",
+            size="64x64", stream=True, partial_images=2,
+            extra_body={"seed": 2, "num_inference_steps": 6},
+        )
+    )  # fmt: skip
+    partials = [e for e in events if e.type == "image_edit.partial_image"]
+    completed = [e for e in events if e.type == "image_edit.completed"]
+    assert [p.partial_image_index for p in partials] == [0, 1] and len(completed) == 1
+    assert decode_base64_image(partials[0].b64_json).size == (64, 64)

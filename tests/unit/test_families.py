@@ -1,0 +1,224 @@
+"""Model families without Ray: config defaults, what the ingress refuses per family, and the
+FLUX.1 [dev] family's pipelines (text-to-image, image-to-image edits and variations, inpainting)
+on its embedded tiny model, each input changing the output."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serve_app.config import ModelConfig
+from serve_app.contract import APIError
+from serve_app.engine import ImageEngine
+from serve_app.families import FAMILIES, traits
+from serve_app.families.base import _steps_run, image_to_image_steps
+from serve_app.protocol import ImageEditRequest, ImageGenerationRequest
+from serve_app.resolution import resolve_generation
+from tests.conftest import assert_batch_equivalent, make_job
+
+
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.5, 0.7, 0.8, 0.85, 0.99, 1.0])
+def test_image_to_image_schedules_run_exactly_the_requested_steps(strength):
+    for steps in range(1, 60):
+        length = image_to_image_steps(steps, strength)
+        assert _steps_run(length, strength) == steps, (steps, strength, length)
+        assert _steps_run(length + 1, strength) > steps  # the longest: strength is honoured
+        if strength < 1:
+            assert length > steps or steps * (1 - strength) < 1  # the first step is skipped
+
+
+def test_family_defaults_apply_and_explicit_fields_win():
+    flux = ModelConfig(id="f", family="flux")
+    assert flux.default_guidance == 3.5 and flux.quality_steps.high == 28
+    assert ModelConfig(id="k").default_guidance == 2.5  # FLUX.1 Kontext
+    tiny = ModelConfig(id="f", family="flux", source="tiny", default_guidance=1.5)
+    assert tiny.default_guidance == 1.5 and tiny.quality_steps.high == 8 and tiny.min_side == 64
+    with pytest.raises(ValueError, match="family"):
+        ModelConfig(id="x", family="sdxl")
+
+
+def test_every_family_names_an_importable_runner():
+    for name, family in FAMILIES.items():
+        assert family.name == name and set(family.endpoints) <= {
+            "generations",
+            "edits",
+            "variations",
+        }
+        module, _, cls = family.runner.partition(":")
+        assert hasattr(__import__(module, fromlist=[cls]), cls)
+
+
+def _models() -> dict[str, ModelConfig]:
+    kontext = ModelConfig(id="kontext", source="tiny")
+    flux = ModelConfig(id="flux", family="flux", source="tiny")
+    return {"kontext": kontext, "flux": flux}
+
+
+def test_an_edit_with_several_images_is_refused_by_a_one_image_family():
+    edit = ImageEditRequest(prompt="x", model="flux")
+    with pytest.raises(APIError) as refused:
+        resolve_generation(edit, _models(), 4, input_size=(64, 64), input_images=2)
+    assert refused.value.status == 400 and refused.value.param == "image"
+    assert "FLUX.1 [dev]" in str(refused.value)
+    kontext = ImageEditRequest(prompt="x", model="kontext")
+    resolved = resolve_generation(kontext, _models(), 4, input_size=(64, 64), input_images=2)
+    assert resolved.model_id == "kontext"
+
+
+def test_an_endpoint_a_family_does_not_serve_is_a_400_naming_model(monkeypatch):
+    """A family without edits (the Qwen-Image text-to-image checkpoint is one): its model is
+    refused on /v1/images/edits, and a request without `model` goes to one that serves it."""
+    from dataclasses import replace
+
+    import serve_app.families as families
+
+    generate_only = replace(FAMILIES["flux"], endpoints=("generations",))
+    monkeypatch.setitem(families.FAMILIES, "flux", generate_only)
+    models = {"flux": _models()["flux"], "kontext": _models()["kontext"]}
+    with pytest.raises(APIError) as refused:
+        resolve_generation(
+            ImageEditRequest(prompt="x", model="flux"), models, 4, input_size=(64, 64)
+        )
+    assert refused.value.status == 400 and refused.value.param == "model"
+    assert "/v1/images/edits" in str(refused.value) and "/v1/images/generations" in str(
+        refused.value
+    )
+    unnamed = resolve_generation(ImageEditRequest(prompt="x"), models, 4, input_size=(64, 64))
+    assert unnamed.model_id == "kontext"
+    assert resolve_generation(ImageGenerationRequest(prompt="x"), models, 4).model_id == "flux"
+
+
+# --- FLUX.1 [dev] on its tiny model
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    torch.set_num_threads(2)
+    config = ModelConfig(
+        id="flux-tiny", family="flux", source="tiny", cache_dir=str(tmp_path_factory.mktemp("flux"))
+    )
+    engine = ImageEngine(config)
+    engine.load()
+    return engine
+
+
+def halves(left: str, right: str, size=(64, 64)) -> Image.Image:
+    image = Image.new("RGB", size, left)
+    image.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def run(engine, **fields) -> np.ndarray:
+    [[image]] = engine.generate([make_job(**{"guidance": 3.5, "steps": 4, **fields})])
+    return np.asarray(image).astype(np.int16)
+
+
+def test_flux_loads_flux_pipeline_with_its_variants_over_the_same_modules(flux):
+    assert type(flux.pipe).__name__ == "FluxPipeline"
+    runner = flux.family
+    assert type(runner.img2img_pipe).__name__ == "FluxImg2ImgPipeline"
+    assert type(runner.inpaint_pipe).__name__ == "FluxInpaintPipeline"
+    assert runner.img2img_pipe.transformer is flux.pipe.transformer
+    assert runner.inpaint_pipe.vae is flux.pipe.vae
+
+
+def test_flux_text_to_image_each_input_changes_the_output(flux):
+    base = run(flux)
+    assert np.array_equal(base, run(flux))  # the same request: the same pixels
+    for change in ({"prompt": "a blue dog"}, {"seeds": (2,)}, {"guidance": 7.0}, {"steps": 3}):
+        assert (run(flux, **change) != base).mean() > 0.2, change
+
+
+def test_flux_edits_re_noise_the_input_and_each_input_changes_the_output(flux):
+    red_blue, white = halves("red", "blue"), Image.new("RGB", (64, 64), "white")
+    edit = run(flux, conditioning=(red_blue,))
+    assert np.array_equal(edit, run(flux, conditioning=(red_blue,)))
+    assert (edit != run(flux)).mean() > 0.2  # not text-to-image
+    assert (edit != run(flux, conditioning=(white,))).mean() > 0.2  # the image matters
+    assert (edit != run(flux, conditioning=(red_blue,), prompt="a blue dog")).mean() > 0.2
+    assert (edit != run(flux, conditioning=(red_blue,), seeds=(2,))).mean() > 0.2
+
+
+def test_flux_image_strength_changes_how_much_of_the_input_is_kept(tmp_path):
+    config = ModelConfig(
+        id="f", family="flux", source="tiny", cache_dir=str(tmp_path), image_strength=0.3
+    )
+    engine = ImageEngine(config)
+    engine.load()
+    red_blue = halves("red", "blue")
+    gentle = run(engine, conditioning=(red_blue,))
+    engine.family.strength = 0.95
+    # Random weights: the VAE's round trip does not resemble the input, so this checks that
+    # the strength reaches the call, not that the image looks more like the input.
+    assert (run(engine, conditioning=(red_blue,)) != gentle).mean() > 0.2
+
+
+def test_flux_image_to_image_runs_the_requested_steps_with_previews(flux):
+    steps, previews = [], []
+    request = make_job(
+        steps=5, guidance=3.5, conditioning=(halves("red", "blue"),), preview_steps=(1, 3),
+        events=previews.append,
+    )  # fmt: skip
+    flux.generate([request], lambda step, total, *_: steps.append((step, total)))
+    assert steps == [(step, 5) for step in range(5)]
+    assert [p.step for p in previews] == [1, 3]
+    assert all(p.images[0].size == (64, 64) for p in previews)
+
+
+def test_flux_masked_edit_keeps_unmasked_pixels_and_changes_masked_ones(flux):
+    image = halves("red", "blue")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the left half is editable
+    fields = dict(conditioning=(image,), init_image=image, mask=mask)
+    out = run(flux, **fields)
+    original = np.asarray(image).astype(np.int16)
+    assert np.array_equal(out[:, 32:], original[:, 32:])
+    assert (out[:, :32] != original[:, :32]).mean() > 0.5
+    assert (out != run(flux, **fields, prompt="a blue dog")).mean() > 0.1
+
+
+def test_flux_batched_matches_alone(flux):
+    image = halves("red", "blue")
+    jobs = [
+        make_job(request_id="a", steps=3, guidance=3.5, conditioning=(image,), seeds=(1, 2)),
+        make_job(request_id="b", steps=3, guidance=3.5, conditioning=(image,), prompt="a dog"),
+    ]
+    batched = flux.generate(jobs)
+    for job, images in zip(jobs, batched, strict=True):
+        alone = flux.generate([job])[0]
+        for one, other in zip(images, alone, strict=True):
+            assert_batch_equivalent(np.asarray(one, np.int16), np.asarray(other, np.int16))
+
+
+def test_flux_counts_tokens_with_t5(flux):
+    assert flux.count_text_tokens("a cat") == len(flux.pipe.tokenizer_2("a cat").input_ids)
+    assert traits("flux").max_text_tokens == 512
+
+
+def test_a_peft_lora_for_flux_loads_and_changes_the_output(flux, tmp_path):
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_app.families.flux import FluxRunner
+
+    transformer = FluxRunner(flux.config).build_tiny().transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    FluxPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    base = run(flux)
+    state = flux.read_adapter("mine", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    flux.add_adapter("mine", state)
+    try:
+        from serve_app.contract import AdapterRef
+
+        adapted = run(flux, adapters=(AdapterRef("mine", 1.0),))
+        assert (adapted != base).mean() > 0.2
+        assert np.array_equal(run(flux), base)  # without it: the base weights exactly
+    finally:
+        flux.remove_adapters(["mine"])
