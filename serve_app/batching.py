@@ -22,6 +22,7 @@ def group_key(request: ModelRequest) -> Hashable:
         tuple(getattr(image, "size", ()) for image in request.conditioning),
         request.masked,  # masked edits run in the inpaint pipeline
         request.adapters,
+        request.references_key,  # FLUX.2: one reference set per call
     )
 
 

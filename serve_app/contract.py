@@ -140,6 +140,9 @@ class ModelRequest:
     preview_steps: tuple[int, ...] = ()
     first_image_index: int = 0
     adapters: tuple[AdapterRef, ...] = ()  # sorted by name; empty = the base weights
+    # A digest of the input images, for families whose pipeline takes one reference set per
+    # call (only requests with equal digests share one); "" for the others.
+    references_key: str = ""
     report_progress: bool = False  # streaming: send `Progress` after every denoising step
     events: Callable[[PreviewImages | Progress], None] | None = field(
         default=None, compare=False, repr=False, metadata=SKIP

@@ -25,7 +25,7 @@ from serve_app.batching import group_key
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, PreviewImages
 from serve_app.engine_adapters import AdapterLoadError, linear_shapes, read_adapter_file
-from serve_app.families import family_runner
+from serve_app.families import family_runner, traits
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
 from serve_app.memory_fit import MemoryFit, fit_memory
@@ -321,9 +321,18 @@ class ImageEngine:
     def read_adapter(self, name: str, path: str) -> dict[str, torch.Tensor]:
         """An adapter file as a state dict in diffusers' layout, checked against this model's
         layers (so a mismatch is refused before anything is injected; `engine_adapters`)."""
-        return read_adapter_file(
-            name, path, self._linear_shapes, self.config.id, self.family.lora_state_dict
-        )
+        try:
+            return read_adapter_file(
+                name, path, self._linear_shapes, self.config.id, self.family.lora_state_dict
+            )
+        except AdapterLoadError as exc:
+            if "NaN" in str(exc):
+                raise
+            title = traits(self.config.family).title
+            raise AdapterLoadError(
+                f"{exc}. Model {self.config.id!r} is {title}: an adapter must be trained for "
+                "that family (one for another family names layers it does not have)"
+            ) from None
 
     def add_adapter(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Inject a read adapter (inactive until a call asks for it)."""
@@ -357,10 +366,11 @@ class ImageEngine:
         self.pipe.set_adapters(names, [a.scale for a in request.adapters])
 
     def count_text_tokens(self, prompt: str) -> int:
-        """Tokens the T5 text encoder would see for `prompt`, end-of-sequence included. Safe
-        from any thread: never touches the pipeline's own tokenizer."""
+        """Tokens the family's text encoder would see for `prompt` (T5: end-of-sequence
+        included; Qwen: its prompt template too). Safe from any thread: never touches the
+        pipeline's own tokenizer."""
         with self._counting_lock:
-            return len(self._counting_tokenizer(prompt, truncation=False).input_ids)
+            return self.family.count_tokens(self._counting_tokenizer, prompt)
 
     def generate(
         self,

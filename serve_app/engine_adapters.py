@@ -44,8 +44,8 @@ def read_adapter_file(
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
         reason = str(exc).replace(path, f"{name}.safetensors")  # no server paths to clients
         raise AdapterLoadError(
-            f"adapter {name!r} could not be read as a FLUX LoRA (.safetensors in the "
-            f"diffusers/PEFT or kohya format): {reason[:300]}"
+            f"adapter {name!r} could not be read as a LoRA of this model's family "
+            f"(.safetensors in the diffusers/PEFT or kohya format): {reason[:300]}"
         ) from None
     if not state:
         raise AdapterLoadError(f"adapter {name!r} holds no LoRA weights")

@@ -27,7 +27,10 @@ def fit_latent_rgb(family, pipe, device: str) -> torch.Tensor:
     latents = family.encode(pipe, image)  # (1, C, h, w) as the transformer sees them
     features = latents[0].permute(1, 2, 0).reshape(-1, latents.shape[1]).float().cpu()
     features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
-    target = torch.from_numpy(blocks.reshape(-1, 3)).float() / 127.5 - 1
+    # One latent pixel per 8x8 (FLUX.1) or, patchified, per 16x16 image pixels (FLUX.2): the
+    # blocks at the latents' resolution (each block is 2x2 cells of `cell` pixels).
+    stride = blocks.shape[0] // latents.shape[2]
+    target = torch.from_numpy(blocks[::stride, ::stride].reshape(-1, 3)).float() / 127.5 - 1
     return torch.linalg.lstsq(features, target).solution
 
 

@@ -62,6 +62,7 @@ class ResolvedGeneration:
     partial_images: int = 0
     adapters: tuple[AdapterRef, ...] = ()
     adapters_param: str = "lora"  # where the request named them: `lora` or `model`
+    references_per_call: bool = False  # the family's pipeline shares input images per call
 
     @property
     def size(self) -> str:
@@ -97,7 +98,23 @@ class ResolvedGeneration:
             mask=conditioning.mask if conditioning else None,
             preview_steps=preview_steps(self.partial_images, self.steps) if self.stream else (),
             adapters=self.adapters,
+            references_key=references_key(conditioning) if self.references_per_call else "",
         )
+
+
+def references_key(conditioning: Conditioning | None) -> str:
+    """A digest of an edit's input images (canvas, and the mask of a masked edit): equal keys,
+    equal inputs."""
+    if conditioning is None:
+        return ""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for image in (conditioning.canvas, conditioning.init_image, conditioning.mask):
+        if image is not None:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def preview_steps(partial_images: int, steps: int) -> tuple[int, ...]:
@@ -393,6 +410,14 @@ def resolve_generation(
             param="n",
         )
     quality = resolve_quality(request.quality, model)
+    family = traits(model.family)
+    if request.guidance is not None and not family.guidance:
+        raise APIError(
+            f"Model {model.id!r} ({family.title}) is step-distilled and takes no guidance; "
+            "leave 'guidance' out.",
+            param="guidance",
+            code="unsupported_value",
+        )
     return ResolvedGeneration(
         model_id=model.id,
         prompt=prompt,
@@ -413,6 +438,7 @@ def resolve_generation(
         partial_images=request.partial_images or 0,
         adapters=adapters,
         adapters_param=adapters_param,
+        references_per_call=family.references_per_call,
     )
 
 

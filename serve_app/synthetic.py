@@ -286,11 +286,19 @@ FLUX_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Every checkpoint whose synthetic variant is built here or by its family's build module.
+CHECKPOINTS = (*FLUX_VARIANTS, "flux2-klein-4b")
+
+
 def param_counts(name: str = "flux1-kontext-dev") -> dict[str, int]:
     """Parameters of each component of checkpoint `name` (shared tensors counted once), built
     on the meta device."""
+    if name == "flux2-klein-4b":
+        from serve_app.families import flux2_klein_build
+
+        return flux2_klein_build.param_counts()
     if name not in FLUX_VARIANTS:
-        raise ValueError(f"unknown checkpoint {name!r}; known: {', '.join(FLUX_VARIANTS)}")
+        raise ValueError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}")
     return {
         component: sum(p.numel() for p in module.parameters())
         for component, module in build_components("meta", overrides=FLUX_VARIANTS[name]).items()
@@ -304,13 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="flux1-kontext-dev",
         metavar="NAME",
-        help=f"print them as JSON for NAME (default flux1-kontext-dev): {', '.join(FLUX_VARIANTS)}",
+        help=f"print them as JSON for NAME (default flux1-kontext-dev): {', '.join(CHECKPOINTS)}",
     )
     parser.add_argument("--flops", metavar="WxH", help="transformer FLOPs per step at a size")
     args = parser.parse_args(argv)
     if args.param_counts:
-        if args.param_counts not in FLUX_VARIANTS:
-            parser.error(f"unknown NAME {args.param_counts!r}; known: {', '.join(FLUX_VARIANTS)}")
+        if args.param_counts not in CHECKPOINTS:
+            parser.error(f"unknown NAME {args.param_counts!r}; known: {', '.join(CHECKPOINTS)}")
         print(json.dumps(param_counts(args.param_counts), indent=2))
     elif args.flops:
         width, height = parse_wxh(args.flops)

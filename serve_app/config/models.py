@@ -158,8 +158,9 @@ class ModelConfig(StrictModel):
     family: FamilyName = Field(
         default="flux-kontext",
         description="Model family (docs/api.md lists what each serves): `flux-kontext` "
-        "(FLUX.1 Kontext [dev]), `flux` (FLUX.1 [dev] / [schnell]). It picks the pipelines, "
-        "the endpoints served and the defaults of the fields below.",
+        "(FLUX.1 Kontext [dev]), `flux` (FLUX.1 [dev] / [schnell]), `flux2-klein` (FLUX.2 "
+        "[klein] 4B). It picks the pipelines, the endpoints served and the defaults of the "
+        "fields below.",
     )
     source: str = Field(
         default="black-forest-labs/FLUX.1-Kontext-dev",

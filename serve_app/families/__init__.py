@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 Endpoint = Literal["generations", "edits", "variations"]
 ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
-FamilyName = Literal["flux-kontext", "flux"]
+FamilyName = Literal["flux-kontext", "flux", "flux2-klein"]
 
 # The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
 KONTEXT_RESOLUTIONS = [
@@ -46,6 +46,11 @@ class FamilyTraits:
     # beside its own tokens: an instruction-editing model) or "image_to_image" (the input is
     # re-noised by `image_strength` and denoised toward the prompt).
     conditioning: Literal["reference", "image_to_image"] = "reference"
+    # The pipeline takes one set of reference images for a whole call (FLUX.2): only requests
+    # with the same input images may share a call.
+    references_per_call: bool = False
+    # False for step-distilled models that ignore guidance: a request's `guidance` is refused.
+    guidance: bool = True
     context_parallel: bool = True  # diffusers has a context-parallel plan for its transformer
     text_encoder: str = "T5-XXL (512 tokens)"
     max_text_tokens: int = 512
@@ -88,6 +93,26 @@ FAMILIES: dict[str, FamilyTraits] = {
             "quality_steps": {"low": 12, "medium": 20, "high": 28},
             "default_guidance": 3.5,
             "preferred_resolutions": KONTEXT_RESOLUTIONS,
+        },
+        tiny_defaults={
+            **_TINY_STEPS,
+            "min_side": 64,
+            "preferred_resolutions": [half_side(r) for r in KONTEXT_RESOLUTIONS],
+        },
+    ),
+    "flux2-klein": FamilyTraits(
+        name="flux2-klein",
+        title="FLUX.2 [klein] 4B",
+        endpoints=ENDPOINTS,
+        runner="serve_app.families.flux2_klein:Flux2KleinRunner",
+        references_per_call=True,
+        guidance=False,
+        text_encoder="Qwen3-4B (512 tokens, chat template included)",
+        defaults={
+            # Step-distilled for 4 steps (BFL's README); more add little.
+            "quality_steps": {"low": 2, "medium": 4, "high": 6},
+            "default_guidance": 1.0,
+            "preferred_resolutions": KONTEXT_RESOLUTIONS,  # the ~1 MP sizes of its model card
         },
         tiny_defaults={
             **_TINY_STEPS,

@@ -92,8 +92,9 @@ class FamilyRunner:
     # --- LoRA
 
     def lora_state_dict(self, path: str) -> tuple[dict, dict | None]:
-        """An adapter file as (state dict in diffusers' layout, alphas) for this family."""
-        return self.pipeline_class().lora_state_dict(path, return_alphas=True)
+        """An adapter file as (state dict in diffusers' layout, alphas) for this family (only
+        FLUX.1's loader returns kohya alphas separately)."""
+        return self.pipeline_class().lora_state_dict(path), None
 
 
 def image_to_image_steps(steps: int, strength: float) -> int:

@@ -15,7 +15,17 @@ from serve_app.contract import ModelRequest
 from serve_app.families.base import FamilyRunner, PerImage, image_to_image_steps
 
 
-class FluxKontextRunner(FamilyRunner):
+class _Flux1Runner(FamilyRunner):
+    """What both FLUX.1 families share: T5 counts the prompt; LoRA files may be kohya's."""
+
+    def text_tokenizer(self, pipe: Any) -> Any:
+        return pipe.tokenizer_2  # T5: what max_sequence_length limits (CLIP sees 77, truncated)
+
+    def lora_state_dict(self, path: str) -> tuple[dict, dict | None]:
+        return self.pipeline_class().lora_state_dict(path, return_alphas=True)
+
+
+class FluxKontextRunner(_Flux1Runner):
     """`FluxKontextPipeline`; masked edits run `FluxKontextInpaintPipeline` over the same
     modules. The conditioning canvas arrives at its final size, so neither resizes it again."""
 
@@ -44,9 +54,6 @@ class FluxKontextRunner(FamilyRunner):
         self.inpaint_pipe = FluxKontextInpaintPipeline.from_pipe(pipe)
         self.inpaint_pipe.set_progress_bar_config(disable=True)
 
-    def text_tokenizer(self, pipe: Any) -> Any:
-        return pipe.tokenizer_2  # T5: what max_sequence_length limits (CLIP sees 77, truncated)
-
     def call(
         self, requests: Sequence[ModelRequest], per_image: PerImage, kwargs: dict[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
@@ -68,7 +75,7 @@ class FluxKontextRunner(FamilyRunner):
         return self.pipe, kwargs
 
 
-class FluxRunner(FamilyRunner):
+class FluxRunner(_Flux1Runner):
     """`FluxPipeline` (FLUX.1 [dev] and [schnell]) for text-to-image; `FluxImg2ImgPipeline` for
     edits and variations (the input re-noised by `image_strength`), `FluxInpaintPipeline` for
     masked edits (the masked region regenerated from noise), both over the same modules."""
@@ -103,9 +110,6 @@ class FluxRunner(FamilyRunner):
         self.inpaint_pipe = FluxInpaintPipeline.from_pipe(pipe)
         for variant in (self.img2img_pipe, self.inpaint_pipe):
             variant.set_progress_bar_config(disable=True)
-
-    def text_tokenizer(self, pipe: Any) -> Any:
-        return pipe.tokenizer_2
 
     def call(
         self, requests: Sequence[ModelRequest], per_image: PerImage, kwargs: dict[str, Any]

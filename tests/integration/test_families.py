@@ -1,7 +1,8 @@
 """Several model families behind one app, through the stock SDK: the session's FLUX.1 Kontext
-model and a FLUX.1 [dev] model (family `flux`, its own tiny model), each its own deployment with
-its own autoscaling. Every endpoint of the `flux` family, its one-image limit refused, streams
-with previews, and `/v1/models` saying what each model serves.
+model, a FLUX.1 [dev] model (family `flux`) and a FLUX.2 [klein] model (`flux2-klein`), each its
+own tiny model and its own deployment with its own autoscaling. Every endpoint of each family,
+what a family cannot do refused naming the parameter, streams with previews, and `/v1/models`
+saying what each model serves.
 """
 
 import copy
@@ -18,6 +19,7 @@ from tests.integration.test_edits import center_mask
 
 FLUX = "flux-dev-tiny"
 FLUX_DEPLOYMENT = "ImageModel-" + FLUX
+KLEIN = "flux2-klein-tiny"
 KONTEXT = "flux-kontext-tiny"
 
 
@@ -33,6 +35,21 @@ def two_families(base_url, serve_config, redeploy, tmp_path_factory):
             "family": "flux",
             "source": "tiny",
             "cache_dir": str(tmp_path_factory.mktemp("flux-tiny")),
+        }
+    )
+    app["args"]["models"].append(
+        {
+            "id": KLEIN,
+            "family": "flux2-klein",
+            "source": "tiny",
+            "cache_dir": str(tmp_path_factory.mktemp("klein-tiny")),
+        }
+    )
+    app["deployments"].append(
+        {
+            "name": "ImageModel-" + KLEIN,
+            "ray_actor_options": {"num_cpus": 0.01},
+            "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
         }
     )
     app["deployments"].append(
@@ -65,7 +82,9 @@ def halves(left: str, right: str, size=(64, 64)) -> Image.Image:
 def test_models_list_each_family_with_what_it_serves(two_families, http):
     cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
     assert cards[FLUX]["family"] == "flux" and cards[KONTEXT]["family"] == "flux-kontext"
-    for model in (FLUX, KONTEXT):
+    assert cards[KLEIN]["family"] == "flux2-klein"
+    assert cards[KLEIN]["limits"]["quality_steps"] == {"low": 2, "medium": 4, "high": 8}
+    for model in (FLUX, KONTEXT, KLEIN):
         assert cards[model]["endpoints"] == ["generations", "edits", "variations"]
     assert cards[FLUX]["limits"]["multi_image_edits"] is False
     assert cards[KONTEXT]["limits"]["multi_image_edits"] is True
@@ -154,3 +173,38 @@ def test_flux_streams_previews_then_images(two_families, client):
     completed = [e for e in events if e.type == "image_edit.completed"]
     assert [p.partial_image_index for p in partials] == [0, 1] and len(completed) == 1
     assert decode_base64_image(partials[0].b64_json).size == (64, 64)
+
+
+def test_klein_generates_edits_and_streams(two_families, client):
+    def generate(**extra):
+        return client.images.generate(
+            model=KLEIN, prompt="a lighthouse", n=2, size="64x64",
+            extra_body={"seed": 4, "num_inference_steps": 3, **extra},
+        )  # fmt: skip
+
+    first = generate()
+    images = [pixels(item.b64_json) for item in first.data]
+    assert [image.shape for image in images] == [(64, 64, 3)] * 2
+    assert (images[0] != images[1]).mean() > 0.2
+    assert [item.b64_json for item in generate().data] == [item.b64_json for item in first.data]
+    edited = client.images.edit(
+        model=KLEIN, image=("in.png", png(halves("red", "blue"))), prompt="blue", size="64x64",
+        extra_body={"seed": 4, "num_inference_steps": 3},
+    )  # fmt: skip
+    assert not np.array_equal(pixels(edited.data[0].b64_json), images[0])
+    events = list(
+        client.images.generate(
+            model=KLEIN, prompt="a lighthouse", size="64x64", stream=True, partial_images=1,
+            extra_body={"seed": 4, "num_inference_steps": 4},
+        )
+    )  # fmt: skip
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+
+
+def test_klein_refuses_guidance_it_would_ignore(two_families, client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model=KLEIN, prompt="x", size="64x64", extra_body={"guidance": 3.0})
+    assert refused.value.body["param"] == "guidance"

@@ -222,3 +222,155 @@ def test_a_peft_lora_for_flux_loads_and_changes_the_output(flux, tmp_path):
         assert np.array_equal(run(flux), base)  # without it: the base weights exactly
     finally:
         flux.remove_adapters(["mine"])
+
+
+# --- FLUX.2 [klein] on its tiny model
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    torch.set_num_threads(2)
+    config = ModelConfig(
+        id="klein-tiny",
+        family="flux2-klein",
+        source="tiny",
+        cache_dir=str(tmp_path_factory.mktemp("klein")),
+    )
+    engine = ImageEngine(config)
+    engine.load()
+    return engine
+
+
+def test_klein_loads_its_pipelines_over_the_same_modules(klein):
+    assert type(klein.pipe).__name__ == "Flux2KleinPipeline"
+    assert type(klein.family.inpaint_pipe).__name__ == "Flux2KleinInpaintPipeline"
+    assert klein.family.inpaint_pipe.transformer is klein.pipe.transformer
+    assert klein.pipe.transformer.config.in_channels == 128  # 32 latent channels, 2x2 packed
+    assert klein.pipe.vae.config.latent_channels == 32
+
+
+def test_klein_each_input_changes_the_output(klein):
+    base = run(klein, guidance=1.0)
+    assert np.array_equal(base, run(klein, guidance=1.0))
+    for change in ({"prompt": "a blue dog"}, {"seeds": (2,)}, {"steps": 3}):
+        assert (run(klein, guidance=1.0, **change) != base).mean() > 0.1, change
+    red_blue = halves("red", "blue")
+    edit = run(klein, guidance=1.0, conditioning=(red_blue,))
+    assert (edit != base).mean() > 0  # the reference reaches the transformer
+    white = run(klein, guidance=1.0, conditioning=(Image.new("RGB", (64, 64), "white"),))
+    assert (edit != white).mean() > 0  # random weights: a small but certain difference
+    assert np.array_equal(edit, run(klein, guidance=1.0, conditioning=(red_blue,)))
+
+
+def test_klein_masked_edit_keeps_unmasked_pixels(klein):
+    image = halves("red", "blue")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    out = run(klein, guidance=1.0, conditioning=(image,), init_image=image, mask=mask)
+    original = np.asarray(image).astype(np.int16)
+    assert np.array_equal(out[:, 32:], original[:, 32:])
+    assert (out[:, :32] != original[:, :32]).mean() > 0.5
+
+
+def test_klein_preview_of_the_last_step_is_the_final_image(klein):
+    """The family's unpacking and batch-norm de-normalisation are the pipeline's own: the full
+    VAE preview of the last step's latents equals the returned image."""
+    last = []
+    request = make_job(steps=3, guidance=1.0, width=96, height=64)
+    [[image]] = klein.generate([request], lambda step, total, _, latents: last.append(latents))
+    projection, klein._preview_projection = klein._preview_projection, None
+    try:
+        [preview] = klein.decode_preview(last[-1], 96, 64)
+    finally:
+        klein._preview_projection = projection
+    assert_batch_equivalent(np.asarray(preview, np.int16), np.asarray(image, np.int16))
+    [rgb] = klein.decode_preview(last[-1], 96, 64)  # the fitted latent -> RGB map
+    assert rgb.size == (96, 64)
+
+
+def test_klein_counts_tokens_in_its_chat_template(klein):
+    tokenizer = klein.pipe.tokenizer
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a cat"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
+    assert klein.count_text_tokens("a cat") == len(tokenizer(text).input_ids) > 10
+
+
+def test_klein_batches_requests_with_the_same_references(klein):
+    image = halves("red", "blue")
+    jobs = [
+        make_job(request_id="a", steps=3, guidance=1.0, conditioning=(image,), seeds=(1, 2)),
+        make_job(request_id="b", steps=3, guidance=1.0, conditioning=(image,), prompt="a dog"),
+    ]
+    for job, images in zip(jobs, klein.generate(jobs), strict=True):
+        for one, other in zip(images, klein.generate([job])[0], strict=True):
+            assert_batch_equivalent(np.asarray(one, np.int16), np.asarray(other, np.int16))
+
+
+def test_klein_edits_with_other_references_never_share_a_call():
+    from serve_app.batching import group_key
+    from serve_app.imageops import Conditioning
+
+    models = {"klein": ModelConfig(id="klein", family="flux2-klein", source="tiny")}
+    edit = ImageEditRequest(prompt="x", model="klein", size="64x64")
+    resolved = resolve_generation(edit, models, 4, input_size=(64, 64))
+    red, blue = (Conditioning(Image.new("RGB", (64, 64), c)) for c in ("red", "blue"))
+    a, b = resolved.to_model_request("a", red), resolved.to_model_request("b", blue)
+    again = resolved.to_model_request("c", Conditioning(Image.new("RGB", (64, 64), "red")))
+    assert group_key(a) != group_key(b) and group_key(a) == group_key(again)
+    kontext = resolve_generation(
+        ImageEditRequest(prompt="x", size="64x64"), _models(), 4, input_size=(64, 64)
+    )
+    assert group_key(kontext.to_model_request("a", red)) == group_key(
+        kontext.to_model_request("b", blue)
+    )  # Kontext takes a reference per image
+
+
+def test_klein_refuses_guidance_naming_it():
+    models = {"klein": ModelConfig(id="klein", family="flux2-klein", source="tiny")}
+    with pytest.raises(APIError) as refused:
+        resolve_generation(ImageGenerationRequest(prompt="x", guidance=3.0), models, 4)
+    assert refused.value.param == "guidance" and "step-distilled" in str(refused.value)
+    assert resolve_generation(ImageGenerationRequest(prompt="x"), models, 4).guidance == 1.0
+
+
+def test_a_peft_lora_for_klein_loads_and_changes_the_output(klein, tmp_path):
+    from diffusers import Flux2KleinPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_app.contract import AdapterRef
+    from serve_app.families.flux2_klein_build import build_tiny_pipeline
+
+    transformer = build_tiny_pipeline().transformer
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    Flux2KleinPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    base = run(klein, guidance=1.0)
+    state = klein.read_adapter("mine", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    klein.add_adapter("mine", state)
+    try:
+        adapted = run(klein, guidance=1.0, adapters=(AdapterRef("mine", 1.0),))
+        assert (adapted != base).mean() > 0.1
+        assert np.array_equal(run(klein, guidance=1.0), base)
+    finally:
+        klein.remove_adapters(["mine"])
+
+
+def test_a_flux1_lora_is_refused_by_klein_naming_the_family(klein, flux, tmp_path):
+    from serve_app.engine_adapters import AdapterLoadError
+    from serve_app.lora_synthetic import write_adapter
+
+    path = tmp_path / "flux1.safetensors"
+    write_adapter(flux.pipe.transformer, path)
+    with pytest.raises(AdapterLoadError, match="FLUX.2"):
+        klein.read_adapter("flux1", str(path))

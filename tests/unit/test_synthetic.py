@@ -186,3 +186,15 @@ def test_engine_loads_source_synthetic_on_its_device(monkeypatch):
     offload = ModelConfig(id="s", source="synthetic", device="cpu", cpu_offload=True)
     with pytest.raises(ModelLoadError, match="cpu_offload"):
         ImageEngine(offload).load()
+
+
+def test_flux2_klein_parameter_counts_match_the_published_checkpoint(capsys):
+    """Built from the hub configs of black-forest-labs/FLUX.2-klein-4B (sources in
+    serve_app/families/flux2_klein_build.py): the transformer's 7.75 GB of bf16, Qwen3-4B's
+    4,022,468,096 parameters, the FLUX.2 VAE's 84,046,115."""
+    from serve_app.families.flux2_klein_build import PUBLISHED as KLEIN
+
+    assert main(["--param-counts", "flux2-klein-4b"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["text_encoder"] == KLEIN["text_encoder"] and counts["vae"] == KLEIN["vae"]
+    assert abs(counts["transformer"] / KLEIN["transformer"] - 1) < 0.001  # 3,875,544,576
