@@ -287,7 +287,7 @@ FLUX_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Every checkpoint whose synthetic variant is built here or by its family's build module.
-CHECKPOINTS = (*FLUX_VARIANTS, "flux2-klein-4b")
+CHECKPOINTS = (*FLUX_VARIANTS, "flux2-klein-4b", "qwen-image", "qwen-image-edit")
 
 
 def param_counts(name: str = "flux1-kontext-dev") -> dict[str, int]:
@@ -297,6 +297,10 @@ def param_counts(name: str = "flux1-kontext-dev") -> dict[str, int]:
         from serve_app.families import flux2_klein_build
 
         return flux2_klein_build.param_counts()
+    if name in ("qwen-image", "qwen-image-edit"):
+        from serve_app.families import qwen_image_build
+
+        return qwen_image_build.param_counts(name)
     if name not in FLUX_VARIANTS:
         raise ValueError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}")
     return {

@@ -159,8 +159,8 @@ class ModelConfig(StrictModel):
         default="flux-kontext",
         description="Model family (docs/api.md lists what each serves): `flux-kontext` "
         "(FLUX.1 Kontext [dev]), `flux` (FLUX.1 [dev] / [schnell]), `flux2-klein` (FLUX.2 "
-        "[klein] 4B). It picks the pipelines, the endpoints served and the defaults of the "
-        "fields below.",
+        "[klein] 4B), `qwen-image` (Qwen-Image). It picks the pipelines, the endpoints served "
+        "and the defaults of the fields below.",
     )
     source: str = Field(
         default="black-forest-labs/FLUX.1-Kontext-dev",
@@ -215,8 +215,13 @@ class ModelConfig(StrictModel):
         default=0.8,
         gt=0,
         le=1,
-        description="Families that edit by image-to-image (`flux`): how much of an unmasked "
-        "edit's or a variation's input is re-noised (1 = none of it is kept).",
+        description="Families that edit by image-to-image (`flux`, `qwen-image`): how much of "
+        "an unmasked edit's or a variation's input is re-noised (1 = none of it is kept).",
+    )
+    negative_prompt: str = Field(
+        default=" ",
+        description="Families with true classifier-free guidance (`qwen-image`): the negative "
+        "prompt of calls whose guidance is above 1 (Qwen-Image's model card uses one space).",
     )
     preview_decoder: Literal["latent_rgb", "vae"] = Field(
         default="latent_rgb",
@@ -328,6 +333,26 @@ class ModelConfig(StrictModel):
                 f"(speed.attention_backend: flash, _native_cudnn, _native_flash, sage, ...); "
                 f"{backend or 'the default (native)'} does not: use parallel.ulysses instead, "
                 "or set one of those backends"
+            )
+        family = traits(self.family)
+        if self.parallel.degree > 1 and not family.context_parallel:
+            raise ValueError(
+                f"parallel (sequence parallelism) is not supported for family {self.family!r} "
+                "yet: it runs for flux-kontext; remove the parallel section"
+            )
+        switched_on = {
+            "compile": self.speed.compile,
+            "quantization": self.speed.quantization != "none",
+            "first_block_cache_threshold": self.speed.first_block_cache_threshold is not None,
+            "attention_backend": self.speed.attention_backend is not None,
+        }
+        refused = sorted(
+            name for name, on in switched_on.items() if on and name not in family.speed_switches
+        )
+        if refused:
+            raise ValueError(
+                f"speed.{', speed.'.join(refused)} is not supported for family {self.family!r} "
+                f"({family.title}); it runs speed.{', speed.'.join(sorted(family.speed_switches))}"
             )
         if self.parallel.degree > 1 and self.cpu_offload:
             raise ValueError(

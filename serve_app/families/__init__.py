@@ -15,13 +15,18 @@ from typing import Any, Literal
 
 Endpoint = Literal["generations", "edits", "variations"]
 ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
-FamilyName = Literal["flux-kontext", "flux", "flux2-klein"]
+FamilyName = Literal["flux-kontext", "flux", "flux2-klein", "qwen-image"]
 
 # The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
 KONTEXT_RESOLUTIONS = [
     "672x1568", "688x1504", "720x1456", "752x1392", "800x1328", "832x1248", "880x1184",
     "944x1104", "1024x1024", "1104x944", "1184x880", "1248x832", "1328x800", "1392x752",
     "1456x720", "1504x688", "1568x672",
+]  # fmt: skip
+
+# Qwen-Image's model-card sizes (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3), about 1.6 MP.
+QWEN_IMAGE_RESOLUTIONS = [
+    "1328x1328", "1664x928", "928x1664", "1472x1104", "1104x1472", "1584x1056", "1056x1584",
 ]  # fmt: skip
 
 
@@ -51,7 +56,13 @@ class FamilyTraits:
     references_per_call: bool = False
     # False for step-distilled models that ignore guidance: a request's `guidance` is refused.
     guidance: bool = True
-    context_parallel: bool = True  # diffusers has a context-parallel plan for its transformer
+    # Sequence parallelism (`parallel`) is tested for this family (diffusers has a plan for
+    # every transformer here; only tested combinations are allowed).
+    context_parallel: bool = True
+    # The `speed` switches this family runs (each combination tested; others are refused).
+    speed_switches: frozenset[str] = frozenset(
+        {"compile", "quantization", "first_block_cache_threshold", "attention_backend"}
+    )
     text_encoder: str = "T5-XXL (512 tokens)"
     max_text_tokens: int = 512
     # ModelConfig defaults for this family (explicit fields win), and what `source: tiny` adds.
@@ -88,6 +99,7 @@ FAMILIES: dict[str, FamilyTraits] = {
         endpoints=ENDPOINTS,
         runner="serve_app.families.flux:FluxRunner",
         multi_image_edits=False,
+        context_parallel=False,
         conditioning="image_to_image",
         defaults={
             "quality_steps": {"low": 12, "medium": 20, "high": 28},
@@ -107,6 +119,10 @@ FAMILIES: dict[str, FamilyTraits] = {
         runner="serve_app.families.flux2_klein:Flux2KleinRunner",
         references_per_call=True,
         guidance=False,
+        context_parallel=False,
+        # diffusers' first-block cache fails on Flux2Transformer2DModel (a TypeError in its
+        # hook); fp8 is untested on this transformer.
+        speed_switches=frozenset({"compile", "attention_backend"}),
         text_encoder="Qwen3-4B (512 tokens, chat template included)",
         defaults={
             # Step-distilled for 4 steps (BFL's README); more add little.
@@ -118,6 +134,28 @@ FAMILIES: dict[str, FamilyTraits] = {
             **_TINY_STEPS,
             "min_side": 64,
             "preferred_resolutions": [half_side(r) for r in KONTEXT_RESOLUTIONS],
+        },
+    ),
+    "qwen-image": FamilyTraits(
+        name="qwen-image",
+        title="Qwen-Image",
+        endpoints=ENDPOINTS,
+        runner="serve_app.families.qwen_image:QwenImageRunner",
+        multi_image_edits=False,
+        conditioning="image_to_image",
+        context_parallel=False,
+        speed_switches=frozenset({"compile", "attention_backend"}),
+        text_encoder="Qwen2.5-VL-7B (512 tokens after its template)",
+        defaults={
+            # The model card's 50 steps at high; true CFG 4.0 with the negative prompt " ".
+            "quality_steps": {"low": 20, "medium": 30, "high": 50},
+            "default_guidance": 4.0,
+            "preferred_resolutions": QWEN_IMAGE_RESOLUTIONS,
+        },
+        tiny_defaults={
+            **_TINY_STEPS,
+            "min_side": 64,
+            "preferred_resolutions": [half_side(r) for r in QWEN_IMAGE_RESOLUTIONS],
         },
     ),
 }

@@ -182,10 +182,10 @@ def redeploy(serve_client):
     """Deploy a serve config (as `serve deploy` would) and wait until the app runs."""
     from ray.serve.schema import ServeDeploySchema
 
-    def deploy(config: dict) -> None:
+    def deploy(config: dict, timeout_s: float = 180) -> None:
         serve_client.deploy_apps(ServeDeploySchema.model_validate(config))
         time.sleep(1)  # let the controller pick up the new target before polling its status
-        wait_running()
+        wait_running(timeout_s)
 
     return deploy
 

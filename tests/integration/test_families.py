@@ -1,6 +1,7 @@
 """Several model families behind one app, through the stock SDK: the session's FLUX.1 Kontext
-model, a FLUX.1 [dev] model (family `flux`) and a FLUX.2 [klein] model (`flux2-klein`), each its
-own tiny model and its own deployment with its own autoscaling. Every endpoint of each family,
+model, a FLUX.1 [dev] model (family `flux`), a FLUX.2 [klein] model (`flux2-klein`) and a
+Qwen-Image model (`qwen-image`), each its own tiny model and its own deployment with its own
+autoscaling. Every endpoint of each family,
 what a family cannot do refused naming the parameter, streams with previews, and `/v1/models`
 saying what each model serves.
 """
@@ -20,6 +21,7 @@ from tests.integration.test_edits import center_mask
 FLUX = "flux-dev-tiny"
 FLUX_DEPLOYMENT = "ImageModel-" + FLUX
 KLEIN = "flux2-klein-tiny"
+QWEN = "qwen-image-tiny"
 KONTEXT = "flux-kontext-tiny"
 
 
@@ -45,6 +47,21 @@ def two_families(base_url, serve_config, redeploy, tmp_path_factory):
             "cache_dir": str(tmp_path_factory.mktemp("klein-tiny")),
         }
     )
+    app["args"]["models"].append(
+        {
+            "id": QWEN,
+            "family": "qwen-image",
+            "source": "tiny",
+            "cache_dir": str(tmp_path_factory.mktemp("qwen-tiny")),
+        }
+    )
+    app["deployments"].append(
+        {
+            "name": "ImageModel-" + QWEN,
+            "ray_actor_options": {"num_cpus": 0.01},
+            "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
+        }
+    )
     app["deployments"].append(
         {
             "name": "ImageModel-" + KLEIN,
@@ -60,7 +77,7 @@ def two_families(base_url, serve_config, redeploy, tmp_path_factory):
             "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
         }
     )
-    redeploy(config)
+    redeploy(config, timeout_s=600)  # five model replicas start at once on two cores
     try:
         yield config
     finally:
@@ -82,9 +99,9 @@ def halves(left: str, right: str, size=(64, 64)) -> Image.Image:
 def test_models_list_each_family_with_what_it_serves(two_families, http):
     cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
     assert cards[FLUX]["family"] == "flux" and cards[KONTEXT]["family"] == "flux-kontext"
-    assert cards[KLEIN]["family"] == "flux2-klein"
+    assert cards[KLEIN]["family"] == "flux2-klein" and cards[QWEN]["family"] == "qwen-image"
     assert cards[KLEIN]["limits"]["quality_steps"] == {"low": 2, "medium": 4, "high": 8}
-    for model in (FLUX, KONTEXT, KLEIN):
+    for model in (FLUX, KONTEXT, KLEIN, QWEN):
         assert cards[model]["endpoints"] == ["generations", "edits", "variations"]
     assert cards[FLUX]["limits"]["multi_image_edits"] is False
     assert cards[KONTEXT]["limits"]["multi_image_edits"] is True
@@ -208,3 +225,39 @@ def test_klein_refuses_guidance_it_would_ignore(two_families, client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.images.generate(model=KLEIN, prompt="x", size="64x64", extra_body={"guidance": 3.0})
     assert refused.value.body["param"] == "guidance"
+
+
+def test_qwen_generates_with_true_cfg_edits_and_streams(two_families, client):
+    def generate(**extra):
+        return client.images.generate(
+            model=QWEN, prompt="a lighthouse", n=2, size="64x64",
+            extra_body={"seed": 6, "num_inference_steps": 3, **extra},
+        )  # fmt: skip
+
+    first = generate()
+    images = [pixels(item.b64_json) for item in first.data]
+    assert [image.shape for image in images] == [(64, 64, 3)] * 2
+    assert (images[0] != images[1]).mean() > 0.2
+    assert [item.b64_json for item in generate().data] == [item.b64_json for item in first.data]
+    no_cfg = pixels(generate(guidance=1.0).data[0].b64_json)  # true CFG off: one pass a step
+    assert (no_cfg != images[0]).mean() > 0.1
+    source = Image.fromarray(
+        np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    )
+    mask, editable = center_mask()
+    masked = client.images.edit(
+        model=QWEN, image=("in.png", png(source)), mask=("mask.png", mask), prompt="a hole",
+        extra_body={"seed": 1, "num_inference_steps": 3},
+    )  # fmt: skip
+    out, original = pixels(masked.data[0].b64_json), np.asarray(source).astype(np.int16)
+    assert np.array_equal(out[~editable], original[~editable])
+    events = list(
+        client.images.generate(
+            model=QWEN, prompt="a lighthouse", size="64x64", stream=True, partial_images=1,
+            extra_body={"seed": 6, "num_inference_steps": 4},
+        )
+    )  # fmt: skip
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]

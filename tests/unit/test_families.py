@@ -374,3 +374,211 @@ def test_a_flux1_lora_is_refused_by_klein_naming_the_family(klein, flux, tmp_pat
     write_adapter(flux.pipe.transformer, path)
     with pytest.raises(AdapterLoadError, match="FLUX.2"):
         klein.read_adapter("flux1", str(path))
+
+
+@pytest.mark.parametrize(
+    ("family", "speed", "memory"),
+    [
+        (
+            "flux",
+            {
+                "first_block_cache_threshold": 0.3,
+                "compile": True,
+                "attention_backend": "_native_math",
+            },
+            {"vae_tiling": True, "vae_slicing": True},
+        ),
+        ("flux2-klein", {"compile": True, "attention_backend": "_native_math"}, {}),
+        ("qwen-image", {"compile": True, "attention_backend": "_native_math"}, {}),
+    ],
+)
+def test_every_switch_a_family_allows_at_once_matches_eager(family, speed, memory, tmp_path):
+    """Each family with every speed switch it allows on a CPU, and a LoRA adapter switched on
+    and off between calls (each switch recompiles the blocks), against an eager engine with
+    the same cache: switches crash or not only in combination."""
+    cache = {k: v for k, v in speed.items() if k == "first_block_cache_threshold"}
+
+    def engine(**fields):
+        config = ModelConfig(
+            id="x", family=family, source="tiny", cache_dir=str(tmp_path), **fields
+        )
+        loaded = ImageEngine(config)
+        loaded.load()
+        return loaded
+
+    fast, eager = engine(speed=speed, **memory), engine(speed=cache)
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_app.contract import AdapterRef
+
+    donor = fast.family.build_tiny().transformer
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, parameter in donor.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    fast.family.pipeline_class().save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(donor)
+    )
+    path = str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    for loaded in (fast, eager):
+        loaded.add_adapter("a", loaded.read_adapter("a", path))
+    images = []
+    for adapters in [(), (AdapterRef("a", 1.0),), ()]:
+        image = run(fast, guidance=1.0, steps=6, adapters=adapters)
+        assert np.abs(image - run(eager, guidance=1.0, steps=6, adapters=adapters)).max() <= 2
+        images.append(image)
+    assert (images[1] != images[0]).mean() > 0.01, "the adapter changed nothing"
+    assert np.array_equal(images[2], images[0]), "the adapter was not switched off again"
+
+
+@pytest.mark.parametrize(
+    ("fields", "refused"),
+    [
+        ({"family": "flux2-klein", "speed": {"first_block_cache_threshold": 0.1}}, "first_block"),
+        ({"family": "flux2-klein", "speed": {"quantization": "fp8"}}, "quantization"),
+        ({"family": "flux", "parallel": {"ulysses": 2}}, "parallel"),
+        ({"family": "qwen-image", "speed": {"first_block_cache_threshold": 0.1}}, "first_block"),
+        ({"family": "flux2-klein", "parallel": {"ulysses": 2}}, "parallel"),
+    ],
+)
+def test_switches_a_family_does_not_run_are_refused_at_config(fields, refused):
+    with pytest.raises(ValueError, match=refused):
+        ModelConfig(id="x", **fields)
+
+
+# --- Qwen-Image on its tiny model
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    torch.set_num_threads(2)
+    config = ModelConfig(
+        id="qwen-tiny",
+        family="qwen-image",
+        source="tiny",
+        cache_dir=str(tmp_path_factory.mktemp("qwen")),
+    )
+    engine = ImageEngine(config)
+    engine.load()
+    return engine
+
+
+def test_qwen_loads_its_pipelines_over_the_same_modules(qwen):
+    assert type(qwen.pipe).__name__ == "QwenImagePipeline"
+    assert type(qwen.family.img2img_pipe).__name__ == "QwenImageImg2ImgPipeline"
+    assert type(qwen.family.inpaint_pipe).__name__ == "QwenImageInpaintPipeline"
+    assert qwen.family.inpaint_pipe.transformer is qwen.pipe.transformer
+    assert qwen.config.default_guidance == 4.0  # true CFG, as the model card
+
+
+def test_qwen_each_input_changes_the_output_true_cfg_included(qwen):
+    base = run(qwen, guidance=4.0)
+    assert np.array_equal(base, run(qwen, guidance=4.0))
+    changes = ({"prompt": "a blue dog"}, {"seeds": (2,)}, {"steps": 3}, {"guidance": 7.0})
+    for change in changes:
+        assert (run(qwen, **{"guidance": 4.0, **change}) != base).mean() > 0.1, change
+    no_cfg = run(qwen, guidance=1.0)  # one pass per step, no negative prompt
+    assert (no_cfg != base).mean() > 0.1
+
+
+def test_qwen_negative_prompt_reaches_true_cfg(tmp_path):
+    def image(negative: str) -> np.ndarray:
+        config = ModelConfig(
+            id="q", family="qwen-image", source="tiny", cache_dir=str(tmp_path),
+            negative_prompt=negative,
+        )  # fmt: skip
+        engine = ImageEngine(config)
+        engine.load()
+        return run(engine, guidance=4.0)
+
+    assert (image(" ") != image("blurry, low quality")).mean() > 0.1
+
+
+def test_qwen_edits_re_noise_the_input(qwen):
+    red_blue = halves("red", "blue")
+    edit = run(qwen, guidance=4.0, conditioning=(red_blue,))
+    assert (edit != run(qwen, guidance=4.0)).mean() > 0.2
+    white = run(qwen, guidance=4.0, conditioning=(Image.new("RGB", (64, 64), "white"),))
+    assert (edit != white).mean() > 0.1
+    steps = []
+    qwen.generate(
+        [make_job(steps=5, guidance=4.0, conditioning=(red_blue,))],
+        lambda step, total, *_: steps.append((step, total)),
+    )
+    assert steps == [(step, 5) for step in range(5)]
+
+
+def test_qwen_masked_edit_keeps_unmasked_pixels(qwen):
+    image = halves("red", "blue")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    out = run(qwen, guidance=4.0, conditioning=(image,), init_image=image, mask=mask)
+    original = np.asarray(image).astype(np.int16)
+    assert np.array_equal(out[:, 32:], original[:, 32:])
+    assert (out[:, :32] != original[:, :32]).mean() > 0.5
+
+
+def test_qwen_preview_of_the_last_step_is_the_final_image(qwen):
+    last = []
+    request = make_job(steps=3, guidance=4.0, width=96, height=64)
+    [[image]] = qwen.generate([request], lambda step, total, _, latents: last.append(latents))
+    projection, qwen._preview_projection = qwen._preview_projection, None
+    try:
+        [preview] = qwen.decode_preview(last[-1], 96, 64)
+    finally:
+        qwen._preview_projection = projection
+    assert_batch_equivalent(np.asarray(preview, np.int16), np.asarray(image, np.int16))
+    [rgb] = qwen.decode_preview(last[-1], 96, 64)
+    assert rgb.size == (96, 64)
+
+
+def test_qwen_counts_the_tokens_its_encoder_keeps(qwen):
+    pipe = qwen.pipe
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format("a cat")).input_ids
+    assert qwen.count_text_tokens("a cat") == len(ids) - pipe.prompt_template_encode_start_idx
+    longer = qwen.count_text_tokens("a cat on a red hat in the sun")
+    assert longer > qwen.count_text_tokens("a cat")
+
+
+def test_qwen_batched_matches_alone(qwen):
+    jobs = [
+        make_job(request_id="a", steps=3, guidance=4.0, seeds=(1, 2)),
+        make_job(request_id="b", steps=3, guidance=4.0, prompt="a dog on a long street"),
+    ]
+    for job, images in zip(jobs, qwen.generate(jobs), strict=True):
+        for one, other in zip(images, qwen.generate([job])[0], strict=True):
+            assert_batch_equivalent(np.asarray(one, np.int16), np.asarray(other, np.int16))
+
+
+def test_a_peft_lora_for_qwen_loads_and_a_flux_one_is_refused(qwen, flux, tmp_path):
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_app.contract import AdapterRef
+    from serve_app.engine_adapters import AdapterLoadError
+    from serve_app.lora_synthetic import write_adapter
+
+    transformer = qwen.family.build_tiny().transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    QwenImagePipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    base = run(qwen, guidance=4.0)
+    state = qwen.read_adapter("mine", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    qwen.add_adapter("mine", state)
+    try:
+        adapted = run(qwen, guidance=4.0, adapters=(AdapterRef("mine", 1.0),))
+        assert (adapted != base).mean() > 0.05
+        assert np.array_equal(run(qwen, guidance=4.0), base)
+    finally:
+        qwen.remove_adapters(["mine"])
+    write_adapter(flux.pipe.transformer, tmp_path / "flux1.safetensors")
+    with pytest.raises(AdapterLoadError, match="Qwen-Image"):
+        qwen.read_adapter("flux1", str(tmp_path / "flux1.safetensors"))

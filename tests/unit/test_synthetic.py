@@ -198,3 +198,17 @@ def test_flux2_klein_parameter_counts_match_the_published_checkpoint(capsys):
     counts = json.loads(capsys.readouterr().out)
     assert counts["text_encoder"] == KLEIN["text_encoder"] and counts["vae"] == KLEIN["vae"]
     assert abs(counts["transformer"] / KLEIN["transformer"] - 1) < 0.001  # 3,875,544,576
+
+
+def test_qwen_image_parameter_counts_match_the_published_checkpoints(capsys):
+    """From the hub configs of Qwen/Qwen-Image and Qwen-Image-Edit (sources in
+    serve_app/families/qwen_image_build.py): the 20.43 B MMDiT, Qwen2.5-VL-7B-Instruct's
+    8,292,166,656 parameters (vision tower and LM head included, as the repos ship it), the
+    VAE's 54 M encoder + 73 M decoder (the Qwen-Image technical report, Table 1)."""
+    assert main(["--param-counts", "qwen-image"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["transformer"] == 20_430_401_088
+    assert counts["text_encoder"] == 8_292_166_656
+    assert counts["vae"] == 126_892_531
+    assert round(counts["vae.encoder"] / 1e6) == 54 and round(counts["vae.decoder"] / 1e6) == 73
+    assert param_counts("qwen-image-edit") == param_counts("qwen-image")  # the same network
