@@ -54,6 +54,7 @@ def a_model_request() -> ModelRequest:
         preview_steps=(1, 2),
         first_image_index=4,
         adapters=(AdapterRef("a", 0.5), AdapterRef("b", 1.25)),
+        references_key="0123abcd",
         report_progress=True,
     )
 
@@ -77,6 +78,7 @@ def a_resolved() -> ResolvedGeneration:
         partial_images=2,
         adapters=(AdapterRef("x", 0.75),),
         adapters_param="model",
+        references_per_call=True,
     )
 
 
