@@ -95,6 +95,7 @@ class ImageEngine:
         self.pipe: Any = None
         # The transformer's latest prediction, for preview estimates.
         self._velocity: torch.Tensor | None = None
+        self._velocity_open = True  # the next transformer output is a step's first
         self._preview_projection: torch.Tensor | None = None  # latent_rgb: (17, 3) latent -> RGB
         # LoRA adapters loaded into the pipeline: replaced (never mutated) by the pipeline
         # thread, so other threads may read it at any time.
@@ -211,7 +212,11 @@ class ImageEngine:
             raise APIError(problem[0].upper() + problem[1:] + ".", param="size")
 
     def _remember_velocity(self, module, args, output) -> None:
-        self._velocity = output[0] if isinstance(output, tuple) else output.sample
+        """The step's first transformer output: with true CFG (Qwen-Image) a step runs the
+        prompt's pass, then the negative prompt's; previews follow the prompt's."""
+        if self._velocity_open:
+            self._velocity = output[0] if isinstance(output, tuple) else output.sample
+            self._velocity_open = False
 
     def decode_preview(
         self, packed_latents: torch.Tensor, width: int, height: int
@@ -231,7 +236,9 @@ class ImageEngine:
                 "RGB", nearest_resolution(width, height, self.config.resolution_buckets), "gray"
             )
             started = time.perf_counter()
-            for conditioning in ((), (canvas,)):
+            family = traits(self.config.family)
+            kinds = [((), "generations"), ((canvas,), "edits")]
+            for conditioning in [inputs for inputs, kind in kinds if family.serves(kind)]:
                 request = ModelRequest(
                     request_id="warmup",
                     prompt="warm-up",
@@ -404,6 +411,7 @@ class ImageEngine:
         # ranks agree whether to go on: a stop (every request gone, or a failure here) then
         # happens at the same step everywhere, and no rank is left waiting in a collective.
         def callback(pipe, step, timestep, tensors):
+            self._velocity_open = True  # after this step's previews: the next step's first
             stop = all(request.cancelled for request in requests)
             failure: BaseException | None = None
             if not stop:
@@ -477,6 +485,7 @@ class ImageEngine:
 
         # 5. Denoise and decode. The cache context is what diffusers' step caches key their state
         #    on (FLUX.1 has no unconditional pass, so one "cond" context covers the call).
+        self._velocity_open = True
         try:
             with torch.inference_mode(), pipe.transformer.cache_context("cond"):
                 images = pipe(**kwargs).images

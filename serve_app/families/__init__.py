@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 Endpoint = Literal["generations", "edits", "variations"]
 ENDPOINTS: tuple[Endpoint, ...] = ("generations", "edits", "variations")
-FamilyName = Literal["flux-kontext", "flux", "flux2-klein", "qwen-image"]
+FamilyName = Literal["flux-kontext", "flux", "flux2-klein", "qwen-image", "qwen-image-edit"]
 
 # The resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS), ~1 MP.
 KONTEXT_RESOLUTIONS = [
@@ -27,6 +27,16 @@ KONTEXT_RESOLUTIONS = [
 # Qwen-Image's model-card sizes (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3), about 1.6 MP.
 QWEN_IMAGE_RESOLUTIONS = [
     "1328x1328", "1664x928", "928x1664", "1472x1104", "1104x1472", "1584x1056", "1056x1584",
+]  # fmt: skip
+
+
+# Qwen-Image-Edit's input sizes: the pipeline resizes every input image to about 1 MP of its aspect
+# (`calculate_dimensions(1024 * 1024, ratio)`, sides multiples of 32). These are that function's
+# fixed points for Kontext's aspect ratios, so a canvas prepared at one is not resized again.
+QWEN_EDIT_RESOLUTIONS = [
+    "672x1568", "704x1504", "736x1440", "768x1376", "800x1312", "832x1248", "896x1184",
+    "960x1120", "1024x1024", "1120x960", "1184x896", "1248x832", "1312x800", "1376x768",
+    "1440x736", "1504x704", "1568x672",
 ]  # fmt: skip
 
 
@@ -156,6 +166,32 @@ FAMILIES: dict[str, FamilyTraits] = {
             **_TINY_STEPS,
             "min_side": 64,
             "preferred_resolutions": [half_side(r) for r in QWEN_IMAGE_RESOLUTIONS],
+        },
+    ),
+    "qwen-image-edit": FamilyTraits(
+        name="qwen-image-edit",
+        title="Qwen-Image-Edit",
+        # An instruction-editing model: every call conditions on an input image.
+        endpoints=("edits", "variations"),
+        runner="serve_app.families.qwen_image:QwenImageEditRunner",
+        # diffusers' QwenImageEditInpaintPipeline generates at ~1 MP of the input's aspect
+        # whatever size is asked, so a mask could not keep the unmasked pixels at the request's
+        # size: masked edits are refused (qwen-image and flux-kontext take them).
+        masked_edits=False,
+        context_parallel=False,
+        speed_switches=frozenset({"compile", "attention_backend"}),
+        text_encoder="Qwen2.5-VL-7B (prompt tokens after its template; the input image's "
+        "vision tokens come on top)",
+        defaults={
+            # The model card: 50 steps, true CFG 4.0 with the negative prompt " ".
+            "quality_steps": {"low": 20, "medium": 30, "high": 50},
+            "default_guidance": 4.0,
+            "preferred_resolutions": QWEN_EDIT_RESOLUTIONS,
+        },
+        tiny_defaults={
+            **_TINY_STEPS,
+            "min_side": 64,
+            "preferred_resolutions": [half_side(r) for r in QWEN_EDIT_RESOLUTIONS],
         },
     ),
 }

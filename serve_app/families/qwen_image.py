@@ -107,3 +107,59 @@ class QwenImageRunner(FamilyRunner):
         latents = pipe.vae.encode(pixels[:, :, None]).latent_dist.mode()[:, :, 0]
         mean, std = self._statistics(pipe, latents)
         return (latents - mean) / std
+
+
+class QwenImageEditRunner(QwenImageRunner):
+    """Qwen-Image-Edit: `QwenImageEditPipeline`, an instruction-editing model on Qwen-Image's
+    transformer and VAE. The input image conditions twice: its VAE latents join the sequence
+    (as Kontext's do) and the Qwen2.5-VL encoder sees it beside the prompt (vision tokens).
+    The pipeline resizes every input to ~1 MP of its aspect; the family's preferred
+    resolutions are that resize's fixed points, so a prepared canvas is not resized again. Edits
+    and variations only (the family serves no generations, and no masks: `FamilyTraits`)."""
+
+    family = "qwen-image-edit"
+    pipeline_class_name = "QwenImageEditPipeline"
+
+    def load(self, source: str, dtype: Any) -> Any:
+        """`from_pretrained` with the processor read by `load_processor` (transformers cannot
+        load a `Qwen2VLProcessor` without torchvision); a hub id is the snapshot it names."""
+        from pathlib import Path
+
+        from serve_app.families.qwen_image_build import load_processor
+
+        folder = Path(source)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source))
+        return self.pipeline_class().from_pretrained(
+            folder, dtype=dtype, processor=load_processor(folder)
+        )
+
+    def build_tiny(self) -> Any:
+        from serve_app.families.qwen_image_build import build_tiny_pipeline
+
+        return build_tiny_pipeline(edit=True)
+
+    def build_synthetic(self, device: str, dtype: Any, overrides: dict | None = None) -> Any:
+        from serve_app.families.qwen_image_build import build_synthetic_pipeline
+
+        return build_synthetic_pipeline(device, dtype, overrides, edit=True)
+
+    def attach(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def call(
+        self, requests: Sequence[ModelRequest], per_image: PerImage, kwargs: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        first = requests[0]
+        if not first.conditioning or first.masked:  # the ingress refuses both (FamilyTraits)
+            raise ValueError("Qwen-Image-Edit runs edits of one conditioning image, no mask")
+        guidance = kwargs.pop("guidance_scale")
+        kwargs["true_cfg_scale"] = guidance
+        if guidance > 1:
+            kwargs["negative_prompt"] = [self.config.negative_prompt] * len(kwargs["prompt"])
+        # One input image per prompt (each the call's canvas size: `group_key`); the pipeline
+        # encodes each with its own generator and shows each to the text encoder.
+        kwargs["image"] = per_image(request.conditioning[0] for request in requests)
+        return self.pipe, kwargs

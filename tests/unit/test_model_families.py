@@ -2,6 +2,8 @@
 FLUX.1 [dev] family's pipelines (text-to-image, image-to-image edits and variations, inpainting)
 on its embedded tiny model, each input changing the output."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -582,3 +584,180 @@ def test_a_peft_lora_for_qwen_loads_and_a_flux_one_is_refused(qwen, flux, tmp_pa
     write_adapter(flux.pipe.transformer, tmp_path / "flux1.safetensors")
     with pytest.raises(AdapterLoadError, match="Qwen-Image"):
         qwen.read_adapter("flux1", str(tmp_path / "flux1.safetensors"))
+
+
+# --- Qwen-Image-Edit on its tiny model
+
+
+def save_peft_lora(transformer, pipeline_class, folder, targets=("to_q", "to_k", "to_v")) -> str:
+    """A LoRA built with peft on `transformer` (random nonzero B, so it changes the output),
+    saved with the pipeline's `save_lora_weights`; returns the file's path."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    pipeline_class.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    return str(folder / "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def qwen_edit(tmp_path_factory):
+    torch.set_num_threads(2)
+    config = ModelConfig(
+        id="qwen-edit-tiny",
+        family="qwen-image-edit",
+        source="tiny",
+        cache_dir=str(tmp_path_factory.mktemp("qwen-edit")),
+    )
+    engine = ImageEngine(config)
+    engine.load()
+    return engine
+
+
+def edit(engine, image, **fields) -> np.ndarray:
+    return run(engine, **{"guidance": 4.0, "conditioning": (image,), **fields})
+
+
+def test_qwen_edit_loads_the_edit_pipeline_with_its_processor(qwen_edit):
+    pipe = qwen_edit.pipe
+    assert type(pipe).__name__ == "QwenImageEditPipeline"
+    assert type(pipe.processor).__name__ == "Qwen2VLProcessor"
+    assert pipe.prompt_template_encode_start_idx == 64  # the edit template's dropped prefix
+    assert qwen_edit.config.default_guidance == 4.0 and qwen_edit.config.quality_steps.high == 8
+
+
+def test_qwen_edit_preferred_sizes_are_not_resized_again_by_the_pipeline():
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    production = ModelConfig(id="q", family="qwen-image-edit")
+    for width, height in production.resolution_buckets:
+        assert calculate_dimensions(1024 * 1024, width / height)[:2] == (width, height)
+
+
+def test_qwen_edit_each_input_changes_the_output(qwen_edit):
+    red_blue = halves("red", "blue")
+    base = edit(qwen_edit, red_blue)
+    assert np.array_equal(base, edit(qwen_edit, red_blue))  # the same request: the same pixels
+    # At 64x64 the output is 16 tokens beside the input's ~4,100 latent tokens (~1 MP) and its
+    # ~1,300 vision tokens, so with random weights the prompt and the guidance move few pixels,
+    # by one level; alone twice is bit-identical, so any difference is the input's doing.
+    changes = (
+        ({"prompt": "a photo of a red house in the city at night"}, 0.01),
+        ({"seeds": (2,)}, 0.5),
+        ({"steps": 3}, 0.3),
+        ({"guidance": 7.0}, 0.003),
+        ({"guidance": 1.0}, 0.003),  # true CFG off: one pass a step, no negative prompt
+        ({"conditioning": (Image.new("RGB", (64, 64), "white"),)}, 0.05),
+    )
+    for change, least in changes:
+        assert (edit(qwen_edit, red_blue, **change) != base).mean() > least, change
+
+
+def test_qwen_edit_sees_the_image_through_its_text_encoder_too(qwen_edit):
+    """Two images with the same VAE latents' shape but other pixels give other prompt
+    embeddings: the vision tower reads the input, not only the VAE."""
+    pipe = qwen_edit.pipe
+    embeds = [
+        pipe.encode_prompt(prompt=["a cat"], image=[image], device="cpu")[0]
+        for image in (halves("red", "blue", (512, 512)), halves("white", "black", (512, 512)))
+    ]
+    assert embeds[0].shape == embeds[1].shape
+    assert not torch.allclose(embeds[0], embeds[1])
+
+
+def test_qwen_edit_batched_matches_alone(qwen_edit):
+    jobs = [
+        make_job(request_id="a", steps=2, guidance=4.0, conditioning=(halves("red", "blue"),),
+                 seeds=(1, 2)),
+        make_job(request_id="b", steps=2, guidance=4.0, prompt="a dog",
+                 conditioning=(halves("white", "black"),)),
+    ]  # fmt: skip
+    for job, images in zip(jobs, qwen_edit.generate(jobs), strict=True):
+        for one, other in zip(images, qwen_edit.generate([job])[0], strict=True):
+            assert_batch_equivalent(np.asarray(one, np.int16), np.asarray(other, np.int16))
+
+
+def test_qwen_edit_preview_follows_the_prompts_pass_and_ends_at_the_image(qwen_edit):
+    """With true CFG a step runs two transformer passes; the preview hook keeps the first
+    (the prompt's). The last step's full-VAE preview equals the returned image."""
+    last, previews = [], []
+    request = make_job(
+        steps=3, guidance=4.0, width=96, height=64, conditioning=(halves("red", "blue"),),
+        preview_steps=(1,), events=previews.append,
+    )  # fmt: skip
+    calls = []
+    hook = qwen_edit.pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        [[image]] = qwen_edit.generate(
+            [request], lambda step, total, _, latents: last.append(latents)
+        )
+    finally:
+        hook.remove()
+    assert len(calls) == 6 and [p.step for p in previews] == [1]  # 2 passes x 3 steps
+    calls.clear()
+    hook = qwen_edit.pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        qwen_edit.generate([replace(request, guidance=1.0, events=None, preview_steps=())])
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # guidance 1: true CFG off, one pass a step
+    projection, qwen_edit._preview_projection = qwen_edit._preview_projection, None
+    try:
+        [preview] = qwen_edit.decode_preview(last[-1], 96, 64)
+    finally:
+        qwen_edit._preview_projection = projection
+    assert_batch_equivalent(np.asarray(preview, np.int16), np.asarray(image, np.int16))
+
+
+def test_qwen_edit_counts_prompt_tokens_in_its_edit_template(qwen_edit):
+    pipe = qwen_edit.pipe
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format("a cat")).input_ids
+    count = qwen_edit.count_text_tokens("a cat")
+    assert count == len(ids) - 64 and qwen_edit.count_text_tokens("a cat on a red hat") > count
+
+
+def test_qwen_edit_refuses_generations_and_masks_naming_the_parameter():
+    models = {"edit": ModelConfig(id="edit", family="qwen-image-edit", source="tiny")}
+    with pytest.raises(APIError) as refused:
+        resolve_generation(ImageGenerationRequest(prompt="x", model="edit"), models, 4)
+    assert refused.value.param == "model" and "Qwen-Image-Edit" in str(refused.value)
+    with pytest.raises(APIError) as refused:
+        resolve_generation(
+            ImageEditRequest(prompt="x", model="edit"), models, 4, input_size=(64, 64),
+            masked=True,
+        )  # fmt: skip
+    assert refused.value.param == "mask"
+    two = resolve_generation(
+        ImageEditRequest(prompt="x", model="edit"), models, 4, input_size=(64, 64), input_images=2
+    )
+    assert two.model_id == "edit"  # several images: one stitched canvas, as for Kontext
+
+
+def test_a_peft_lora_for_qwen_edit_loads_and_a_flux_one_is_refused(qwen_edit, flux, tmp_path):
+    from diffusers import QwenImageEditPipeline
+
+    from serve_app.contract import AdapterRef
+    from serve_app.engine_adapters import AdapterLoadError
+    from serve_app.lora_synthetic import write_adapter
+
+    path = save_peft_lora(
+        qwen_edit.family.build_tiny().transformer, QwenImageEditPipeline, tmp_path
+    )
+    red_blue = halves("red", "blue")
+    base = edit(qwen_edit, red_blue, steps=2)
+    qwen_edit.add_adapter("mine", qwen_edit.read_adapter("mine", path))
+    try:
+        adapted = edit(qwen_edit, red_blue, steps=2, adapters=(AdapterRef("mine", 1.0),))
+        assert (adapted != base).mean() > 0.05
+        assert np.array_equal(edit(qwen_edit, red_blue, steps=2), base)
+    finally:
+        qwen_edit.remove_adapters(["mine"])
+    write_adapter(flux.pipe.transformer, tmp_path / "flux1.safetensors")
+    with pytest.raises(AdapterLoadError, match="Qwen-Image-Edit"):
+        qwen_edit.read_adapter("flux1", str(tmp_path / "flux1.safetensors"))
