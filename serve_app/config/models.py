@@ -160,8 +160,8 @@ class ModelConfig(StrictModel):
         description="Model family (docs/api.md lists what each serves): `flux-kontext` "
         "(FLUX.1 Kontext [dev]), `flux` (FLUX.1 [dev] / [schnell]), `flux2-klein` (FLUX.2 "
         "[klein] 4B), `qwen-image` (Qwen-Image), `qwen-image-edit` (Qwen-Image-Edit: edits and "
-        "variations only). It picks the pipelines, the endpoints served "
-        "and the defaults of the fields below.",
+        "variations only). It picks the pipelines, the endpoints served and the defaults of "
+        "the fields below.",
     )
     source: str = Field(
         default="black-forest-labs/FLUX.1-Kontext-dev",
@@ -221,9 +221,9 @@ class ModelConfig(StrictModel):
     )
     negative_prompt: str = Field(
         default=" ",
-        description="Families with true classifier-free guidance (`qwen-image`, `qwen-image-edit`): the "
-        "negative "
-        "prompt of calls whose guidance is above 1 (Qwen-Image's model card uses one space).",
+        description="Families with true classifier-free guidance (`qwen-image`, "
+        "`qwen-image-edit`): the negative prompt of calls whose guidance is above 1 "
+        "(Qwen-Image's model card uses one space).",
     )
     preview_decoder: Literal["latent_rgb", "vae"] = Field(
         default="latent_rgb",

@@ -48,15 +48,52 @@ async function loadModels() {
   state.models = Object.fromEntries(models.map((m) => [m.id, m]));
   const select = $("model");
   const current = select.value;
-  select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+  select.replaceChildren(...models.map((m) => {
+    const option = new Option(m.family ? `${m.id} (${m.family})` : m.id, m.id);
+    option.title = `serves ${endpointsOf(m).join(", ")}`;
+    return option;
+  }));
   if (current in state.models) select.value = current;
   $("status").textContent = `${models.length} model(s) available`;
+  updateMode();
+}
+
+// ---- what each model serves: the picker offers, per mode, only the models that serve it ----
+const ENDPOINT = { generate: "generations", edit: "edits", variation: "variations" };
+
+function endpointsOf(model) {
+  return (model && model.endpoints) || ["generations", "edits", "variations"];
+}
+
+function chooseServingModel() {
+  const wanted = ENDPOINT[mode()];
+  const select = $("model");
+  for (const option of select.options) {
+    const serves = endpointsOf(state.models[option.value]).includes(wanted);
+    option.disabled = !serves;
+    option.textContent = option.textContent.replace(/ — not for .*$/, "") +
+      (serves ? "" : ` — not for ${wanted}`);
+  }
+  if (select.selectedOptions.length && select.selectedOptions[0].disabled) {
+    const serving = [...select.options].find((o) => !o.disabled);
+    if (serving) select.value = serving.value;
+  }
   showLimits();
+}
+
+function modelInfo(model) {
+  if (!model) return "";
+  const limits = model.limits || {};
+  const parts = [`serves ${endpointsOf(model).join(", ")}`];
+  if (limits.masked_edits === false) parts.push("no masks");
+  if (limits.multi_image_edits === false) parts.push("one input image");
+  return (model.family ? `${model.family}: ` : "") + parts.join("; ");
 }
 
 function showLimits() {
   const model = state.models[$("model").value];
   const limits = model && model.limits;
+  $("model-info").textContent = modelInfo(model);
   const size = $("size");
   const previous = size.value;
   const sizes = limits ? limits.sizes : [];
@@ -80,9 +117,12 @@ function chosenSize() {
 // ---- modes ----
 function updateMode() {
   const current = mode();
+  chooseServingModel();
+  const model = state.models[$("model").value];
+  const masks = !(model && model.limits && model.limits.masked_edits === false);
   $("prompt-field").hidden = current === "variation";
   $("images-field").hidden = current === "generate";
-  $("mask-field").hidden = current !== "edit" || !state.image;
+  $("mask-field").hidden = current !== "edit" || !state.image || !masks;
   $("partials").disabled = current === "variation"; // variations do not stream
   $("submit").textContent = { generate: "Generate", edit: "Edit", variation: "Make variations" }[current];
 }
@@ -288,7 +328,7 @@ async function buildRequest() {
     return { url: "/v1/images/variations", body: form, stream: false };
   }
   for (const file of state.files) form.append(state.files.length > 1 ? "image[]" : "image", file);
-  if (state.painted) form.append("mask", await maskBlob(), "mask.png");
+  if (state.painted && !$("mask-field").hidden) form.append("mask", await maskBlob(), "mask.png");
   return { url: "/v1/images/edits", body: form, stream: true };
 }
 
@@ -362,7 +402,7 @@ function init() {
     sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
     loadModels();
   });
-  $("model").addEventListener("change", showLimits);
+  $("model").addEventListener("change", updateMode);
   $("size").addEventListener("change", () => { $("size-custom").hidden = $("size").value !== "custom"; });
   document.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListener("change", updateMode));
   $("images").addEventListener("change", (e) => setFiles(e.target.files));

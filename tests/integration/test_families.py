@@ -1,6 +1,7 @@
 """Several model families behind one app, through the stock SDK: the session's FLUX.1 Kontext
 model, a FLUX.1 [dev] model (family `flux`), a FLUX.2 [klein] model (`flux2-klein`) and a
-Qwen-Image model (`qwen-image`), each its own tiny model and its own deployment with its own
+Qwen-Image model (`qwen-image`) and a Qwen-Image-Edit model (`qwen-image-edit`: edits and
+variations only), each its own tiny model and its own deployment with its own
 autoscaling. Every endpoint of each family,
 what a family cannot do refused naming the parameter, streams with previews, and `/v1/models`
 saying what each model serves.
@@ -8,6 +9,7 @@ saying what each model serves.
 
 import copy
 import io
+import time
 
 import numpy as np
 import openai
@@ -22,6 +24,7 @@ FLUX = "flux-dev-tiny"
 FLUX_DEPLOYMENT = "ImageModel-" + FLUX
 KLEIN = "flux2-klein-tiny"
 QWEN = "qwen-image-tiny"
+QWEN_EDIT = "qwen-image-edit-tiny"
 KONTEXT = "flux-kontext-tiny"
 
 
@@ -55,6 +58,21 @@ def two_families(base_url, serve_config, redeploy, tmp_path_factory):
             "cache_dir": str(tmp_path_factory.mktemp("qwen-tiny")),
         }
     )
+    app["args"]["models"].append(
+        {
+            "id": QWEN_EDIT,
+            "family": "qwen-image-edit",
+            "source": "tiny",
+            "cache_dir": str(tmp_path_factory.mktemp("qwen-edit-tiny")),
+        }
+    )
+    app["deployments"].append(
+        {
+            "name": "ImageModel-" + QWEN_EDIT,
+            "ray_actor_options": {"num_cpus": 0.01},
+            "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
+        }
+    )
     app["deployments"].append(
         {
             "name": "ImageModel-" + QWEN,
@@ -77,7 +95,7 @@ def two_families(base_url, serve_config, redeploy, tmp_path_factory):
             "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
         }
     )
-    redeploy(config, timeout_s=600)  # five model replicas start at once on two cores
+    redeploy(config, timeout_s=720)  # six model replicas start at once on two cores
     try:
         yield config
     finally:
@@ -103,6 +121,9 @@ def test_models_list_each_family_with_what_it_serves(two_families, http):
     assert cards[KLEIN]["limits"]["quality_steps"] == {"low": 2, "medium": 4, "high": 8}
     for model in (FLUX, KONTEXT, KLEIN, QWEN):
         assert cards[model]["endpoints"] == ["generations", "edits", "variations"]
+    assert cards[QWEN_EDIT]["family"] == "qwen-image-edit"
+    assert cards[QWEN_EDIT]["endpoints"] == ["edits", "variations"]
+    assert cards[QWEN_EDIT]["limits"]["masked_edits"] is False
     assert cards[FLUX]["limits"]["multi_image_edits"] is False
     assert cards[KONTEXT]["limits"]["multi_image_edits"] is True
     assert http.get(f"/v1/models/{FLUX}").json()["family"] == "flux"
@@ -261,3 +282,140 @@ def test_qwen_generates_with_true_cfg_edits_and_streams(two_families, client):
         "image_generation.partial_image",
         "image_generation.completed",
     ]
+
+
+def test_qwen_edit_edits_variations_and_streams(two_families, client):
+    def edit(image, **extra):
+        return client.images.edit(
+            model=QWEN_EDIT, image=("in.png", png(image)), prompt="make it blue", n=2,
+            size="64x64", extra_body={"seed": 5, "num_inference_steps": 2, **extra},
+        )  # fmt: skip
+
+    first = edit(halves("red", "blue"))
+    images = [pixels(item.b64_json) for item in first.data]
+    assert [image.shape for image in images] == [(64, 64, 3)] * 2
+    assert (images[0] != images[1]).mean() > 0.2  # seeds 5 and 6
+    again = edit(halves("red", "blue"))
+    assert [item.b64_json for item in again.data] == [item.b64_json for item in first.data]
+    other = pixels(edit(Image.new("RGB", (64, 64), "white")).data[0].b64_json)
+    assert (other != images[0]).mean() > 0.05  # the input image reaches the model
+    two = client.images.edit(
+        model=QWEN_EDIT, image=[("a.png", png(halves("red", "blue"))),
+                                ("b.png", png(halves("white", "black")))],
+        prompt="merge them", size="64x64", extra_body={"num_inference_steps": 2},
+    )  # fmt: skip
+    assert pixels(two.data[0].b64_json).shape == (64, 64, 3)  # one stitched canvas
+    variation = client.images.create_variation(
+        model=QWEN_EDIT, image=("in.png", png(halves("red", "blue"))), size="64x64"
+    )
+    assert decode_base64_image(variation.data[0].b64_json).size == (64, 64)
+    events = list(
+        client.images.edit(
+            model=QWEN_EDIT, image=("in.png", png(halves("red", "blue"))), prompt="blue",
+            size="64x64", stream=True, partial_images=1,
+            extra_body={"seed": 5, "num_inference_steps": 3},
+        )
+    )  # fmt: skip
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert decode_base64_image(events[0].b64_json).size == (64, 64)
+
+
+def test_qwen_edit_refuses_generations_and_masks_naming_the_parameter(two_families, client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(model=QWEN_EDIT, prompt="a lighthouse", size="64x64")
+    assert refused.value.body["param"] == "model"
+    assert "/v1/images/edits" in refused.value.body["message"]
+    mask, _ = center_mask()
+    source = Image.new("RGB", (128, 128), "red")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.edit(
+            model=QWEN_EDIT, image=("in.png", png(source)), mask=("mask.png", mask), prompt="x"
+        )
+    assert refused.value.body["param"] == "mask"
+
+
+def test_each_family_runs_asynchronous_jobs_equal_to_the_synchronous_answer(two_families, http):
+    """The job path (queue, consumer, model client) for every family: the job's images are the
+    synchronous answer's bytes."""
+    from tests.integration.test_jobs import ASYNC, poll
+
+    image = ("in.png", png(halves("red", "blue")), "image/png")
+    cases = [
+        (model, "/v1/images/generations", {"json": body})
+        for model in (FLUX, KLEIN, QWEN)
+        for body in [{"model": model, "prompt": "a fox", "size": "64x64", "seed": 2,
+                      "num_inference_steps": 2}]
+    ]  # fmt: skip
+    form = {"model": QWEN_EDIT, "prompt": "blue", "size": "64x64", "seed": "2",
+            "num_inference_steps": "2"}  # fmt: skip
+    cases.append((QWEN_EDIT, "/v1/images/edits", {"data": form, "files": {"image": image}}))
+    for model, path, body in cases:
+        sync = http.post(path, **body)
+        assert sync.status_code == 200, (model, sync.text)
+        accepted = http.post(path, headers=ASYNC, **body)
+        assert accepted.status_code == 202, (model, accepted.text)
+        assert accepted.json()["model"] == model
+        job = poll(http, accepted.json()["id"])
+        assert job["status"] == "completed", (model, job)
+        assert [d["b64_json"] for d in job["result"]["data"]] == [
+            d["b64_json"] for d in sync.json()["data"]
+        ], model
+
+
+def test_the_playground_picker_offers_each_model_where_it_serves(two_families, base_url, tmp_path):
+    """In Chromium: the picker names each model's family, disables a model in a mode it does not
+    serve (and moves off it), says what the chosen one serves, and hides the mask painter for a
+    model without masked edits; an edit sent from the page reaches Qwen-Image-Edit."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.integration.test_playground import CHROMIUM, CHROMIUM_ARGS, Page, noise_png
+
+    source = noise_png(tmp_path / "source.png")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = Page(browser, base_url)
+        try:
+            page.models()
+            text = page.page.eval_on_selector_all(
+                "#model option", "os => Object.fromEntries(os.map(o => [o.value, o.text]))"
+            )
+            assert text[QWEN_EDIT].startswith(f"{QWEN_EDIT} (qwen-image-edit)")
+            assert text[FLUX] == f"{FLUX} (flux)"
+
+            def disabled() -> set[str]:
+                return set(
+                    page.page.eval_on_selector_all(
+                        "#model option", "os => os.filter(o => o.disabled).map(o => o.value)"
+                    )
+                )
+
+            assert disabled() == {QWEN_EDIT}  # generate mode
+            assert "not for generations" in text[QWEN_EDIT]
+            page.page.check('input[name="mode"][value="edit"]')
+            assert disabled() == set()
+            page.page.select_option("#model", QWEN_EDIT)
+            info = page.page.inner_text("#model-info")
+            assert info == "qwen-image-edit: serves edits, variations; no masks"
+            page.page.set_input_files("#images", str(source))
+            page.page.wait_for_function("document.getElementById('images-field').hidden === false")
+            time.sleep(0.5)  # the image loads; the painter would show now for a masking model
+            assert not page.page.is_visible("#mask-field")
+            page.page.select_option("#model", FLUX)
+            page.page.locator("#mask-field").wait_for(state="visible")
+            assert "one input image" in page.page.inner_text("#model-info")
+            page.page.select_option("#model", QWEN_EDIT)
+            assert not page.page.is_visible("#mask-field")
+            page.page.fill("#prompt", "make it blue")
+            page.page.select_option("#size", "custom")
+            page.page.fill("#size-custom", "64x64")
+            page.page.click("#submit")
+            page.status("Done", timeout_s=120)
+            [result] = page.gallery()
+            assert result.size == (64, 64)
+            page.page.check('input[name="mode"][value="generate"]')
+            assert page.page.input_value("#model") != QWEN_EDIT  # moved to one that generates
+            page.shot("families-picker")
+        finally:
+            page.close()
+            browser.close()
+    assert page.errors == []
