@@ -207,7 +207,8 @@ class ImageEngine:
         from serve_app.contract import APIError
         from serve_app.sequence_parallel import split_problem
 
-        problem = split_problem(request, self.config.parallel, self.device)
+        in_sequence = traits(self.config.family).conditioning == "reference"
+        problem = split_problem(request, self.config.parallel, self.device, in_sequence)
         if problem:
             raise APIError(problem[0].upper() + problem[1:] + ".", param="size")
 
@@ -293,16 +294,24 @@ class ImageEngine:
             or self.dtype not in (torch.bfloat16, torch.float16)
         ):
             return None, (width, height)
-        plan = plan if plan is not None else memory_plan.load_plan(memory_plan.COMMITTED_PLAN)
+        if plan is None:
+            path = memory_plan.committed_plan(config.family)
+            if not path.exists():
+                return None, (width, height)
+            plan = memory_plan.load_plan(path)
         transformer = dict(self.pipe.transformer.config)
         planned = plan.get("architecture", {})
-        if not planned or any(transformer.get(key) != value for key, value in planned.items()):
+        if (
+            plan.get("family", "flux-kontext") != config.family
+            or not planned
+            or any(transformer.get(key) != value for key, value in planned.items())
+        ):
             return None, (width, height)
         weights = "fp8" if self.config.speed.quantization == "fp8" else "bf16"
         lora_rank = memory_plan.LORA_RANK if self.config.lora.enabled else 0
-        fit = memory_plan.planned_fit(
-            plan, "edits-1", width, height, weights, lora_rank, capacity_bytes
-        )
+        # The larger kind of call the family runs: an edit, where the plan has one.
+        task = "edits-1" if any(r["task"] == "edits-1" for r in plan["rows"]) else "generations"
+        fit = memory_plan.planned_fit(plan, task, width, height, weights, lora_rank, capacity_bytes)
         if fit is not None:
             logger.info(
                 "Planned memory of %s (%s, LoRA rank %d): %s",

@@ -48,6 +48,15 @@ LORA_TARGETS = r".*\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v
 GPUS = {"H100-80GB": 85_520_809_984, "H200-141GB": 150_754_820_096}
 # `python -m serve_app.bench plan` for FLUX.1-Kontext-dev, committed: replicas start from it.
 COMMITTED_PLAN = Path(__file__).parent / "data" / "memory_plan.json"
+
+
+def committed_plan(family: str = "flux-kontext") -> Path:
+    """The committed plan replicas of `family` start from (`bench plan --family F --commit`)."""
+    if family == "flux-kontext":
+        return COMMITTED_PLAN
+    return COMMITTED_PLAN.with_name(f"memory_plan-{family}.json")
+
+
 LORA_RANK = 32  # the planned adapter: typical of published FLUX LoRAs, every attention projection
 # Convolutions' scratch buffers, which fake tensors never allocate: on the tiny model the real
 # peak of a VAE-bound call is 15-17% above the fake one (tests/unit/test_memory_plan.py). The
@@ -414,14 +423,16 @@ def measure_call(
     batch: int,
     conditioning_images: int = 0,
     count_flops: bool = False,
+    walk: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """The phase peaks of one call (bytes live above the resident weights) and, if asked, its
-    FLOPs per image for `STEPS` steps, under whatever tensor mode is active (fake or real)."""
+    FLOPs per image for `STEPS` steps, under whatever tensor mode is active (fake or real).
+    `walk` is the family's walk of a call (default: FLUX.1's, `walk_call`)."""
     live = LiveBytes()
     live.ignore(weight_storages(list(components.values())))
     flops: dict[str, int] | None = {} if count_flops else None
     with tracking(live):
-        walk_call(
+        (walk or walk_call)(
             components,
             live,
             width=width,

@@ -146,26 +146,29 @@ def _decide_on_all_ranks(hook: Any, residual: torch.Tensor) -> bool:
     return bool((sums[0] / sums[1]).item() > hook.threshold)
 
 
-def sequence_tokens(request: ModelRequest) -> int:
+def sequence_tokens(request: ModelRequest, input_in_sequence: bool = True) -> int:
     """Image tokens the transformer sees: the output's 16x16 patches, plus the conditioning
-    canvas's for edits (Kontext appends it to the sequence)."""
+    canvas's for edits of families that append it to the sequence (Kontext, FLUX.2's
+    references; `input_in_sequence`), not of those that re-noise it (image-to-image)."""
     tokens = (request.width // PATCH) * (request.height // PATCH)
-    if request.conditioning:
+    if request.conditioning and input_in_sequence:
         width, height = request.conditioning[0].size
         tokens += (width // PATCH) * (height // PATCH)
     return tokens
 
 
-def split_problem(request: ModelRequest, parallel: ParallelConfig, device: str) -> str | None:
+def split_problem(
+    request: ModelRequest, parallel: ParallelConfig, device: str, input_in_sequence: bool = True
+) -> str | None:
     """Why this request's sequence cannot be split across the ranks here, or None."""
     if parallel.degree == 1 or uneven_splits(parallel, backend_for(device)):
         return None
-    tokens = sequence_tokens(request)
+    tokens = sequence_tokens(request, input_in_sequence)
     if tokens % parallel.degree == 0:
         return None
     return (
         f"size {request.width}x{request.height} gives {tokens} image tokens"
-        + (" (with the input image's)" if request.conditioning else "")
+        + (" (with the input image's)" if request.conditioning and input_in_sequence else "")
         + f", which do not split evenly across this model's {parallel.degree} parallel ranks "
         f"on {backend_for(device)}; choose a size whose width/16 x height/16 is a multiple of "
         f"{parallel.degree}"

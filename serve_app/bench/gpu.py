@@ -75,6 +75,12 @@ LORA_RANK = 32  # typical of published FLUX LoRAs (16-64), on every attention pr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="synthetic", help="synthetic, tiny, hub id or dir")
+    parser.add_argument(
+        "--family",
+        default="flux-kontext",
+        help="model family (docs/api.md): flux-kontext, flux, flux2-klein, qwen-image, "
+        "qwen-image-edit; switches the family does not run are skipped, saying so",
+    )
     parser.add_argument("--size", default="1024x1024", help="WxH of the switch measurements")
     parser.add_argument("--small-size", default="512x512", help="WxH of the second batch series")
     parser.add_argument("--steps", type=int, default=28)
@@ -123,9 +129,14 @@ class Speeds:
 
 class Bench:
     def __init__(self, args) -> None:
+        from serve_app.families import traits
         from serve_app.geometry import parse_wxh
 
         self.args = args
+        self.family = traits(getattr(args, "family", "flux-kontext"))
+        # A family without generations (an edit-only model) measures edits where the others
+        # measure text-to-image.
+        self.edits_only = not self.family.serves("generations")
         self.size = parse_wxh(args.size)
         self.small_size = parse_wxh(args.small_size)
         self.budget = Budget(args.budget_s)
@@ -151,6 +162,7 @@ class Bench:
         width, height = self.size
         self.config = ModelConfig(
             id="bench",
+            family=self.family.name,
             source=self.args.source,
             speed=SpeedConfig.model_validate(speed),
             warmup=False,
@@ -228,15 +240,21 @@ class Bench:
         )
         flops = self.flops_per_image(job)
         result["flops_per_image"] = flops
-        if self.peak_tflops:
+        if self.peak_tflops and flops is not None:
             result["mfu"] = round(flops / seconds / (self.peak_tflops * 1e12), 3)
         return result
 
-    def flops_per_image(self, job) -> int:
-        """The loaded transformer's FLOPs for one image of `job`, all steps (meta device)."""
+    def flops_per_image(self, job) -> int | None:
+        """The loaded transformer's FLOPs for one image of `job`, all steps (meta device), for
+        the FLUX.1 families (one forward a step: `synthetic.flops_per_step`); None for the
+        others (other transformers, and true CFG's two passes), whose rows then have no MFU."""
         from serve_app.synthetic import flops_per_step
 
-        key = (job.width, job.height, len(job.conditioning))
+        if self.family.name not in ("flux-kontext", "flux"):
+            return None
+        # FLUX.1 [dev] edits by image-to-image: its input adds no tokens to the sequence.
+        tokens_of_input = self.family.conditioning == "reference"
+        key = (job.width, job.height, len(job.conditioning) if tokens_of_input else 0)
         if key not in self.flops:
             config = {
                 k: v
@@ -246,7 +264,7 @@ class Bench:
             self.flops[key] = flops_per_step(
                 job.width,
                 job.height,
-                len(job.conditioning),
+                key[2],
                 self.config.max_sequence_length,
                 config,
             )
@@ -361,20 +379,23 @@ class Bench:
         self.write()
 
     def measure(self, label: str | None = None) -> dict:
-        """Text-to-image and an edit at the full size on the loaded weights; `label`: remember
-        the speeds (and any compile seconds in the warm-ups) to estimate later steps."""
-        row = {"text_to_image": self.time_job(self.job(self.size))}
+        """Text-to-image (where the family serves it) and an edit at the full size on the
+        loaded weights; `label`: remember the speeds (and any compile seconds in the warm-ups)
+        to estimate later steps."""
+        row = {} if self.edits_only else {"text_to_image": self.time_job(self.job(self.size))}
         row["edit"] = self.time_job(self.job(self.size, edit=True))
         if label is not None:
-            t2i, edit = row["text_to_image"], row["edit"]
-            self.speeds[label] = Speeds(t2i["s_per_image"], edit["s_per_image"], label)
+            edit = row["edit"]["s_per_image"]
+            t2i = row["text_to_image"]["s_per_image"] if "text_to_image" in row else edit
+            self.speeds[label] = Speeds(t2i, edit, label)
         return row
 
     def measure_compiled(self, label: str) -> dict:
         """`measure`, and the compile seconds: the warm-ups less what 2 steps take compiled."""
         row = self.measure(label)
-        warm = sum(row[kind]["warmup_s"] for kind in ("text_to_image", "edit"))
-        two_steps = sum(row[kind]["s_per_image"] for kind in ("text_to_image", "edit"))
+        kinds = [kind for kind in ("text_to_image", "edit") if kind in row]
+        warm = sum(row[kind]["warmup_s"] for kind in kinds)
+        two_steps = sum(row[kind]["s_per_image"] for kind in kinds)
         row["compile_s"] = round(max(warm - two_steps * 2 / self.args.steps, 0.0), 1)
         self.compile_s[label] = row["compile_s"]
         return row
@@ -384,11 +405,12 @@ class Bench:
         unknown = self.only - set(STEPS)
         if unknown:
             raise SystemExit(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
-        fp8_skip = self.fp8_unavailable()
+        fp8_skip = self.unsupported("quantization") or self.fp8_unavailable()
+        cache_skip = self.unsupported("first_block_cache_threshold")
 
         self.load()
         self.step("plain", lambda: NOTHING, self.plain)
-        self.step("compile", self.estimate_compile, self.compile)
+        self.step("compile", self.estimate_compile, self.compile, self.unsupported("compile"))
         self.step("fp8-compile", self.estimate_fp8, self.fp8_compile, fp8_skip)
         self.step("batches", self.estimate_batches, self.batches)
         self.step(
@@ -404,21 +426,34 @@ class Bench:
             "cache",
             lambda: self.reload_plain() + self.work(self.speeds.get("plain")),
             self.cache,
+            cache_skip,
         )
         for backend in ATTENTION_BACKENDS:
             self.step(
                 f"attention:{backend}",
                 lambda: self.reload_plain() + self.work(self.speeds.get("plain")),
                 self.attention(backend),
+                self.unsupported("attention_backend"),
             )
         fp8_row = next((r for r in self.rows if r["step"] == "fp8-compile"), None)
         if fp8_skip is None and fp8_row is not None and "error" in fp8_row:
             fp8_skip = f"fp8-compile failed: {fp8_row['error'][:200]}"
-        self.step("fp8-compile-cache", self.estimate_fp8_cache, self.fp8_compile_cache, fp8_skip)
+        self.step(
+            "fp8-compile-cache",
+            self.estimate_fp8_cache,
+            self.fp8_compile_cache,
+            fp8_skip or cache_skip,
+        )
         self.unload()
         print(self.table())
         print(f"\nwrote {self.args.out} and {Path(self.args.out).with_suffix('.md')}")
         return self.result()
+
+    def unsupported(self, switch: str) -> str | None:
+        """Why the family does not run `switch` (`FamilyTraits.speed_switches`), or None."""
+        if switch in self.family.speed_switches:
+            return None
+        return f"speed.{switch} is not a switch of family {self.family.name} (refused at config)"
 
     def fp8_unavailable(self) -> str | None:
         """Why the fp8 rows cannot run here, or None."""
@@ -486,7 +521,7 @@ class Bench:
                         }
                     )
                     continue
-                measured = {"n": n, **self.time_job(self.job(size, n))}
+                measured = {"n": n, **self.time_job(self.job(size, n, edit=self.edits_only))}
                 if rows and "s_per_image" in rows[0]:
                     measured["speedup_vs_1"] = round(
                         rows[0]["s_per_image"] / measured["s_per_image"], 2
@@ -518,8 +553,10 @@ class Bench:
                 loads.append((read_s, time.perf_counter() - started - read_s))
         row["first_load_s"] = round(sum(loads[0]), 3)
         row["read_s"], row["inject_s"] = round(loads[0][0], 3), round(loads[0][1], 3)
-        job = dataclasses.replace(self.job(self.size), adapters=(AdapterRef("bench-a", 1.0),))
-        row["text_to_image"] = self.time_job(job)
+        job = dataclasses.replace(
+            self.job(self.size, edit=self.edits_only), adapters=(AdapterRef("bench-a", 1.0),)
+        )
+        row["edit" if self.edits_only else "text_to_image"] = self.time_job(job)
         sets = [(AdapterRef("bench-a", 1.0),), (AdapterRef("bench-b", 0.8),),
                 (AdapterRef("bench-a", 0.5), AdapterRef("bench-b", 0.5)), ()]  # fmt: skip
         started = time.perf_counter()
@@ -559,6 +596,7 @@ class Bench:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": self.machine,
             "settings": {
+                "family": self.family.name,
                 "source": self.args.source,
                 "size": self.args.size,
                 "small_size": self.args.small_size,

@@ -24,15 +24,99 @@ import argparse
 import datetime
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serve_app import memory_plan as mp
+from serve_app.families import FAMILIES
 from serve_app.geometry import parse_wxh
 from serve_app.memory_fit import HEADROOM
 
 GIB = 2**30
 HEADLINE = ("512x512", "1024x1024")
+
+
+@dataclass(frozen=True)
+class PlannedFamily:
+    """What the plan needs of a model family: its name in plans, the tasks it runs, how to
+    build its full-size components (dtype, weights, LoRA rank) and walk one call, its text
+    context, the image tokens of a call, and the transformer fields a replica checks."""
+
+    model: str
+    tasks: dict[str, int]
+    build: Callable[[Any, str, int], dict[str, Any]]
+    walk: Callable[..., None] | None  # None: memory_plan.walk_call (FLUX.1)
+    text_tokens: int
+    image_tokens: Callable[[int, int, int], int]
+    architecture: Callable[[], dict[str, Any]]
+    weights: tuple[str, ...]  # the weight formats the family serves (fp8: a speed switch)
+    method: str
+    sizes: tuple[str, ...] = ()  # the family's preferred sizes (default: Kontext's)
+
+
+def _flux_build(source: str) -> Callable[[Any, str, int], dict[str, Any]]:
+    return lambda dtype, weights, rank: mp.build_model(
+        mp.component_configs(source), dtype, weights, rank
+    )
+
+
+def planned_family(family: str, source: str = "synthetic") -> PlannedFamily:
+    """The plan's view of `family` (`flux-kontext`, `flux`, `qwen-image`, `qwen-image-edit`);
+    `source` (FLUX.1 only) picks the configs: synthetic, tiny or a diffusers directory."""
+    if family in ("flux-kontext", "flux"):
+        kontext = family == "flux-kontext"
+        return PlannedFamily(
+            model=mp.MODEL if kontext else "FLUX.1-dev",
+            # FLUX.1 [dev] runs text-to-image with exactly Kontext's shapes; its edits are
+            # image-to-image (no conditioning tokens), so it plans generations only.
+            tasks=dict(mp.TASKS) if kontext else {"generations": 0},
+            build=_flux_build(source),
+            walk=None,
+            text_tokens=mp.TEXT_TOKENS,
+            image_tokens=mp.image_tokens_in_call,
+            architecture=lambda: mp.architecture(mp.component_configs(source)),
+            weights=("bf16", "fp8"),
+            method=(
+                "FakeTensorMode walk of the engine call (text encoders, VAE encode per image, "
+                "one denoising step with the previous step's output live = every step of 28, "
+                "VAE decode); peak = weights + max live storage bytes. extrapolated: per-phase "
+                "least squares in [1, batch, pixels, batch*pixels] over the measured calls. "
+                "fp8: torchao Float8DynamicActivationFloat8Weight emulated by a stand-in Linear "
+                "(1-byte weight + scale, transient fp8 input copy, bf16 output). edits-N: N "
+                "images of the output's aspect stitched and resized to the nearest Kontext "
+                "bucket (~1 MP), as the engine conditions."
+            ),
+        )
+    if family in ("qwen-image", "qwen-image-edit"):
+        from serve_app import memory_plan_qwen as mq
+
+        edit = family == "qwen-image-edit"
+        return PlannedFamily(
+            model="Qwen-Image-Edit" if edit else "Qwen-Image",
+            tasks={"edits-1": 1} if edit else {"generations": 0},
+            build=lambda dtype, weights, rank: mq.build_model(dtype, weights, rank),
+            walk=mq.walk_call,
+            text_tokens=mq.TEXT_TOKENS,
+            image_tokens=mq.image_tokens_in_call,
+            architecture=mq.architecture,
+            weights=("bf16",),
+            sizes=tuple(
+                FAMILIES["qwen-image-edit" if edit else "qwen-image"].defaults[
+                    "preferred_resolutions"
+                ]
+            ),
+            method=(
+                "FakeTensorMode walk of the engine call with true CFG (serve_app/"
+                "memory_plan_qwen.py): Qwen2.5-VL text encoder for the prompt and the negative "
+                "prompt (edits: the vision tower over the ~1 MP input, windowed attention as "
+                "full attention), the VAE encode per input image, one denoising step (two "
+                "transformer passes) with the previous velocity live, the 3-D VAE decode; peak "
+                "= weights + max live storage bytes; extrapolated as for FLUX.1."
+            ),
+        )
+    raise ValueError(f"no memory plan for family {family!r}")
 
 
 def default_sizes() -> list[str]:
@@ -48,12 +132,17 @@ def _csv(kind: type) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/plan", help="output directory")
     parser.add_argument(
+        "--family",
+        default="flux-kontext",
+        help="flux-kontext (FLUX.1-Kontext-dev), flux (FLUX.1-dev), qwen-image, qwen-image-edit",
+    )
+    parser.add_argument(
         "--source", default="synthetic", help="synthetic, tiny, or a diffusers model directory"
     )
-    parser.add_argument("--tasks", type=_csv(str), default=list(mp.TASKS))
+    parser.add_argument("--tasks", type=_csv(str), default=None, help="default: the family's")
     parser.add_argument("--sizes", type=_csv(str), default=None, help="WxH,... (default: all)")
     parser.add_argument("--batches", type=_csv(int), default=list(range(1, 9)))
-    parser.add_argument("--weights", type=_csv(str), default=["bf16", "fp8"])
+    parser.add_argument("--weights", type=_csv(str), default=None, help="default: the family's")
     parser.add_argument("--lora-ranks", type=_csv(int), default=[0, mp.LORA_RANK])
     parser.add_argument("--measure-sizes", type=_csv(str), default=list(HEADLINE))
     parser.add_argument("--measure-batches", type=_csv(int), default=[1, 2, 8])
@@ -73,8 +162,8 @@ def _memory_features(batch: int, pixels: int) -> list[float]:
     return [1.0, float(batch), float(pixels), float(batch * pixels)]
 
 
-def _sequence(size: str, conditioning_images: int) -> int:
-    return mp.TEXT_TOKENS + mp.image_tokens_in_call(*parse_wxh(size), conditioning_images)
+def _sequence(family: PlannedFamily, size: str, conditioning_images: int) -> int:
+    return family.text_tokens + family.image_tokens(*parse_wxh(size), conditioning_images)
 
 
 def max_batch(peaks: dict[int, int], capacity_bytes: int, headroom: float = HEADROOM) -> int:
@@ -93,8 +182,18 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     import torch
 
     started = time.perf_counter()
-    configs = mp.component_configs(args.source)
-    sizes = args.sizes or default_sizes()
+    family = planned_family(getattr(args, "family", "flux-kontext"), args.source)
+    args.tasks = args.tasks or list(family.tasks)
+    args.weights = args.weights or list(family.weights)
+    refused = [t for t in args.tasks if t not in family.tasks] + [
+        w for w in args.weights if w not in family.weights
+    ]
+    if refused:
+        raise ValueError(f"{family.model} plans tasks {list(family.tasks)} and weights "
+                         f"{list(family.weights)}, not {refused}")  # fmt: skip
+    sizes = args.sizes or (
+        list(dict.fromkeys([*HEADLINE, *family.sizes])) if family.sizes else default_sizes()
+    )
     measure_sizes = args.measure_sizes
     measured: dict[tuple[str, str, int, str, int], dict[str, Any]] = {}
     flops: dict[tuple[str, str, int], int] = {}  # a step's, per image
@@ -106,17 +205,17 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 continue
             with mp.fake_mode():
                 t0 = time.perf_counter()
-                model = mp.build_model(configs, torch.bfloat16, weights, rank)
+                model = family.build(torch.bfloat16, weights, rank)
                 weight_bytes[(weights, rank)] = mp.storage_bytes(list(model.values()))
                 log(f"built {weights} lora {rank} in {time.perf_counter() - t0:.0f}s")
                 for task in args.tasks:
-                    k = mp.TASKS[task]
+                    k = family.tasks[task]
                     for size in measure_sizes:
                         width, height = parse_wxh(size)
                         if weights == "bf16":
                             counted = mp.measure_call(
                                 model, width=width, height=height, batch=1,
-                                conditioning_images=k, count_flops=True,
+                                conditioning_images=k, count_flops=True, walk=family.walk,
                             )  # fmt: skip
                             flops[(task, size, rank)] = counted["flops_step"]
                             other_flops[(task, size, rank)] = counted["flops_other"]
@@ -125,7 +224,7 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                         for batch in args.measure_batches:
                             result = mp.measure_call(
                                 model, width=width, height=height, batch=batch,
-                                conditioning_images=k,
+                                conditioning_images=k, walk=family.walk,
                             )  # fmt: skip
                             measured[(task, size, batch, weights, rank)] = result
                     log(f"  {task}: {time.perf_counter() - started:.0f}s so far")
@@ -136,7 +235,7 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         for rank in args.lora_ranks:
             base = weight_bytes[(weights, rank)]
             for task in args.tasks:
-                k = mp.TASKS[task]
+                k = family.tasks[task]
                 points = [
                     (parse_wxh(size), batch, measured[(task, size, batch, weights, rank)])
                     for size in measure_sizes
@@ -154,7 +253,7 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                         [1.0, float(s), float(s) ** 2]
                         for t in args.tasks
                         for size in measure_sizes
-                        for s in [_sequence(size, mp.TASKS[t])]
+                        for s in [_sequence(family, size, family.tasks[t])]
                     ],
                     [float(flops[(t, size, rank)]) for t in args.tasks for size in measure_sizes],
                 )
@@ -169,7 +268,7 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                         other = other_flops[(task, size, rank)]
                         flops_method = "counted"
                     else:
-                        s = _sequence(size, k)
+                        s = _sequence(family, size, k)
                         step = round(step_fit[0] + step_fit[1] * s + step_fit[2] * s * s)
                         other = round(other_fit[0] + other_fit[1] * width * height)
                         flops_method = "fitted"
@@ -187,7 +286,7 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                             )
                             method = "extrapolated"
                         rows.append({
-                            "model": mp.MODEL, "task": task, "size": size, "batch": batch,
+                            "model": family.model, "task": task, "size": size, "batch": batch,
                             "weights": weights, "lora_rank": rank,
                             "peak_bytes": base + live, "peak_gib": round((base + live) / GIB, 3),
                             "weights_bytes": base,
@@ -206,26 +305,18 @@ def build_plan(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             **{gpu: max_batch(peaks, capacity) for gpu, capacity in mp.GPUS.items()},
         })  # fmt: skip
     return {
-        "model": mp.MODEL if args.source == "synthetic" else f"{mp.MODEL} ({args.source})",
+        "model": family.model if args.source == "synthetic" else f"{family.model} ({args.source})",
+        "family": getattr(args, "family", "flux-kontext"),
         "source": args.source,
-        "architecture": mp.architecture(configs),
+        "architecture": family.architecture(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "headroom": HEADROOM,
         "gpus": dict(mp.GPUS),
         "steps": mp.STEPS,
-        "text_tokens": mp.TEXT_TOKENS,
+        "text_tokens": family.text_tokens,
         "measured": {"sizes": measure_sizes, "batches": args.measure_batches},
-        "method": (
-            "FakeTensorMode walk of the engine call (text encoders, VAE encode per image, one "
-            "denoising step with the previous step's output live = every step of 28, VAE "
-            "decode); peak = weights + max live storage bytes. extrapolated: per-phase least "
-            "squares in [1, batch, pixels, batch*pixels] over the measured calls. fp8: "
-            "torchao Float8DynamicActivationFloat8Weight emulated by a stand-in Linear "
-            "(1-byte weight + scale, transient fp8 input copy, bf16 output). edits-N: N images "
-            "of the output's aspect stitched and resized to the nearest Kontext bucket (~1 MP), "
-            "as the engine conditions."
-        ),
+        "method": family.method,
         "runtime_s": round(time.perf_counter() - started, 1),
         "rows": rows,
         "max_batch": max_batches,
@@ -337,8 +428,9 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, separators=(",", ":")) + "\n")
     if args.commit:
-        mp.COMMITTED_PLAN.write_text(json.dumps(committed(plan), separators=(",", ":")) + "\n")
-        print(f"wrote {mp.COMMITTED_PLAN}")
+        path = mp.committed_plan(plan["family"])
+        path.write_text(json.dumps(committed(plan), separators=(",", ":")) + "\n")
+        print(f"wrote {path}")
     sizes = {row["size"] for row in plan["rows"]}
     size = "1024x1024" if "1024x1024" in sizes else sorted(sizes)[-1]
     table = markdown(plan, size)

@@ -338,9 +338,10 @@ class ModelConfig(StrictModel):
             )
         family = traits(self.family)
         if self.parallel.degree > 1 and not family.context_parallel:
+            runs = ", ".join(name for name, f in FAMILIES.items() if f.context_parallel)
             raise ValueError(
                 f"parallel (sequence parallelism) is not supported for family {self.family!r} "
-                "yet: it runs for flux-kontext; remove the parallel section"
+                f"({family.parallel_note}); it runs for {runs}: remove the parallel section"
             )
         switched_on = {
             "compile": self.speed.compile,

@@ -67,8 +67,9 @@ class FamilyTraits:
     # False for step-distilled models that ignore guidance: a request's `guidance` is refused.
     guidance: bool = True
     # Sequence parallelism (`parallel`) is tested for this family (diffusers has a plan for
-    # every transformer here; only tested combinations are allowed).
+    # every transformer here; only tested combinations are allowed); if not, why not.
     context_parallel: bool = True
+    parallel_note: str = ""
     # The `speed` switches this family runs (each combination tested; others are refused).
     speed_switches: frozenset[str] = frozenset(
         {"compile", "quantization", "first_block_cache_threshold", "attention_backend"}
@@ -109,7 +110,6 @@ FAMILIES: dict[str, FamilyTraits] = {
         endpoints=ENDPOINTS,
         runner="serve_app.families.flux:FluxRunner",
         multi_image_edits=False,
-        context_parallel=False,
         conditioning="image_to_image",
         defaults={
             "quality_steps": {"low": 12, "medium": 20, "high": 28},
@@ -129,7 +129,6 @@ FAMILIES: dict[str, FamilyTraits] = {
         runner="serve_app.families.flux2_klein:Flux2KleinRunner",
         references_per_call=True,
         guidance=False,
-        context_parallel=False,
         # diffusers' first-block cache fails on Flux2Transformer2DModel (a TypeError in its
         # hook); fp8 is untested on this transformer.
         speed_switches=frozenset({"compile", "attention_backend"}),
@@ -153,7 +152,10 @@ FAMILIES: dict[str, FamilyTraits] = {
         runner="serve_app.families.qwen_image:QwenImageRunner",
         multi_image_edits=False,
         conditioning="image_to_image",
+        # Its prompts are not padded (a call's text is as long as its longest prompt), so on
+        # gloo most text lengths would not split evenly, and NCCL's uneven splits are untested.
         context_parallel=False,
+        parallel_note="its unpadded text sequence is untested split across GPUs",
         speed_switches=frozenset({"compile", "attention_backend"}),
         text_encoder="Qwen2.5-VL-7B (512 tokens after its template)",
         defaults={
@@ -178,7 +180,10 @@ FAMILIES: dict[str, FamilyTraits] = {
         # whatever size is asked, so a mask could not keep the unmasked pixels at the request's
         # size: masked edits are refused (qwen-image and flux-kontext take them).
         masked_edits=False,
+        # Its prompts are not padded (a call's text is as long as its longest prompt), so on
+        # gloo most text lengths would not split evenly, and NCCL's uneven splits are untested.
         context_parallel=False,
+        parallel_note="its unpadded text sequence is untested split across GPUs",
         speed_switches=frozenset({"compile", "attention_backend"}),
         text_encoder="Qwen2.5-VL-7B (prompt tokens after its template; the input image's "
         "vision tokens come on top)",

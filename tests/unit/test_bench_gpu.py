@@ -14,6 +14,7 @@ from pathlib import Path
 from serve_app.bench import gpu, report
 from serve_app.bench.gpu import ATTENTION_BACKENDS
 from serve_app.config import AppArgs
+from serve_app.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,6 +126,7 @@ def _bench(**measured) -> gpu.Bench:
     """A Bench with no engine and no machine: just the arguments and what was measured."""
     bench = gpu.Bench.__new__(gpu.Bench)
     bench.args = _gpu_args("--size", "1024x1024", "--steps", "28")
+    bench.family, bench.edits_only = FAMILIES["flux-kontext"], False
     bench.size, bench.small_size = (1024, 1024), (512, 512)
     bench.machine = {"gpu": "NVIDIA H200"}
     bench.weights, bench.plain_load_s, bench.fp8_load_s = "plain", 20.0, None
@@ -212,3 +214,33 @@ def test_bench_report_levels_skip_once_out_of_time(tmp_path):
     report.write_results(tmp_path, result, args)
     assert json.loads((tmp_path / "bench.json").read_text())["ratios"] == {}
     assert "- batched c=1: time budget" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_gpu_takes_any_family_skipping_what_it_does_not_run(tmp_path, monkeypatch):
+    """`bench gpu --family qwen-image-edit` on its tiny model: an edit-only family measures
+    edits where others measure text-to-image, and each switch the family does not run is
+    skipped, naming it; no MFU without a FLOP count for its transformer."""
+    import torch
+
+    monkeypatch.setenv("SERVE_APP_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(2)
+    args = _gpu_args(
+        "--family", "qwen-image-edit", "--source", "tiny", "--size", "64x64",
+        "--small-size", "96x64", "--steps", "2", "--batches", "1,2", "--small-batches", "1",
+        "--only", "plain,batches,cache,fp8-compile", "--peak-tflops", "100",
+        "--out", str(tmp_path / "gpu.json"),
+    )  # fmt: skip
+    result = gpu.run(args)
+    rows = {row["step"]: row for row in result["rows"]}
+    assert result["settings"]["family"] == "qwen-image-edit"
+    plain = rows["plain"]
+    assert "text_to_image" not in plain and plain["edit"]["s_per_image"] > 0
+    assert plain["edit"]["flops_per_image"] is None and "mfu" not in plain["edit"]
+    series = rows["batches"]["series"]
+    assert [r["n"] for r in series["64x64"]] == [1, 2] and [r["n"] for r in series["96x64"]] == [1]
+    assert (
+        "first_block_cache_threshold is not a switch of family qwen-image-edit"
+        in (rows["cache"]["skipped"])
+    )
+    assert "quantization is not a switch" in rows["fp8-compile"]["skipped"]
+    assert "edit" in (tmp_path / "gpu.md").read_text()
