@@ -25,7 +25,7 @@ from serve_app.batching import group_key
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, PreviewImages
 from serve_app.engine_adapters import AdapterLoadError, linear_shapes, read_adapter_file
-from serve_app.families import family_runner, traits
+from serve_app.families import Endpoint, family_runner, traits
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
 from serve_app.memory_fit import MemoryFit, fit_memory
@@ -238,7 +238,10 @@ class ImageEngine:
             )
             started = time.perf_counter()
             family = traits(self.config.family)
-            kinds = [((), "generations"), ((canvas,), "edits")]
+            kinds: list[tuple[tuple[Image.Image, ...], Endpoint]] = [
+                ((), "generations"),
+                ((canvas,), "edits"),
+            ]
             for conditioning in [inputs for inputs, kind in kinds if family.serves(kind)]:
                 request = ModelRequest(
                     request_id="warmup",

@@ -173,7 +173,7 @@ def walk_call(
         )  # fmt: skip
         model_input = latents if image_latents is None else torch.cat([latents, image_latents], 1)
         timestep = torch.full([batch], 0.5, dtype=dtype)
-        predictions = []
+        predictions: list[Any] = []
         with step:
             for embeddings in (prompt_embeds, negative_embeds):
                 output = call(

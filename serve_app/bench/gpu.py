@@ -162,7 +162,7 @@ class Bench:
         width, height = self.size
         self.config = ModelConfig(
             id="bench",
-            family=self.family.name,
+            family=self.family.name,  # type: ignore[arg-type]  # checked by traits()
             source=self.args.source,
             speed=SpeedConfig.model_validate(speed),
             warmup=False,

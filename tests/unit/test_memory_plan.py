@@ -226,3 +226,18 @@ def test_the_committed_qwen_edit_plan_caps_a_replica_and_no_other_family():
     flux = dict(mp.component_configs("synthetic")["transformer"])
     assert engine("flux-kontext", flux).planned_memory(mp.GPUS["H100-80GB"])[0] is not None
     assert engine("flux-kontext", flux).planned_memory(1, plan)[0] is None
+
+
+def test_the_committed_flux_dev_plan_is_kontexts_text_to_image():
+    """FLUX.1-dev runs text-to-image with Kontext's components and shapes: `bench plan --family
+    flux` walked the same peaks, and a `flux` replica reads its own plan (generations: its
+    edits are image-to-image, without conditioning tokens)."""
+    flux = mp.load_plan(mp.committed_plan("flux"))
+    kontext = mp.load_plan(mp.COMMITTED_PLAN)
+    assert flux["family"] == "flux" and flux["architecture"] == kontext["architecture"]
+    assert {r["task"] for r in flux["rows"]} == {"generations"}
+    same = {(r["size"], r["batch"], r["weights"], r["lora_rank"]): r["peak_bytes"]
+            for r in kontext["rows"] if r["task"] == "generations"}  # fmt: skip
+    for row in flux["rows"]:
+        key = (row["size"], row["batch"], row["weights"], row["lora_rank"])
+        assert row["peak_bytes"] == pytest.approx(same[key], rel=0.001), key

@@ -19,6 +19,44 @@ from serve_app.resolution import resolve_generation
 from tests.conftest import assert_batch_equivalent, make_job
 
 
+def tiny_engine(tmp_path_factory, family: str, model_id: str) -> ImageEngine:
+    """A loaded engine on the family's tiny model, saved in a fresh cache directory."""
+    torch.set_num_threads(2)
+    config = ModelConfig(
+        id=model_id, family=family, source="tiny", cache_dir=str(tmp_path_factory.mktemp(family))
+    )
+    engine = ImageEngine(config)
+    engine.load()
+    return engine
+
+
+def full_vae_preview(engine, latents, width: int, height: int) -> Image.Image:
+    """A preview decoded by the full VAE (not the fitted latent -> RGB map)."""
+    projection, engine._preview_projection = engine._preview_projection, None
+    try:
+        [preview] = engine.decode_preview(latents, width, height)
+    finally:
+        engine._preview_projection = projection
+    return preview
+
+
+def save_peft_lora(transformer, pipeline_class, folder, targets=("to_q", "to_k", "to_v")) -> str:
+    """A LoRA built with peft on `transformer` (random nonzero B, so it changes the output),
+    saved with the pipeline's `save_lora_weights`; returns the file's path."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    pipeline_class.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    return str(folder / "pytorch_lora_weights.safetensors")
+
+
 @pytest.mark.parametrize("strength", [0.05, 0.3, 0.5, 0.7, 0.8, 0.85, 0.99, 1.0])
 def test_image_to_image_schedules_run_exactly_the_requested_steps(strength):
     for steps in range(1, 60):
@@ -95,13 +133,7 @@ def test_an_endpoint_a_family_does_not_serve_is_a_400_naming_model(monkeypatch):
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    torch.set_num_threads(2)
-    config = ModelConfig(
-        id="flux-tiny", family="flux", source="tiny", cache_dir=str(tmp_path_factory.mktemp("flux"))
-    )
-    engine = ImageEngine(config)
-    engine.load()
-    return engine
+    return tiny_engine(tmp_path_factory, "flux", "flux-tiny")
 
 
 def halves(left: str, right: str, size=(64, 64)) -> Image.Image:
@@ -199,22 +231,12 @@ def test_flux_counts_tokens_with_t5(flux):
 
 def test_a_peft_lora_for_flux_loads_and_changes_the_output(flux, tmp_path):
     from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from serve_app.families.flux import FluxRunner
 
-    transformer = FluxRunner(flux.config).build_tiny().transformer
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    FluxPipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
-    )
+    path = save_peft_lora(FluxRunner(flux.config).build_tiny().transformer, FluxPipeline, tmp_path)
     base = run(flux)
-    state = flux.read_adapter("mine", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    state = flux.read_adapter("mine", path)
     flux.add_adapter("mine", state)
     try:
         from serve_app.contract import AdapterRef
@@ -231,16 +253,7 @@ def test_a_peft_lora_for_flux_loads_and_changes_the_output(flux, tmp_path):
 
 @pytest.fixture(scope="module")
 def klein(tmp_path_factory):
-    torch.set_num_threads(2)
-    config = ModelConfig(
-        id="klein-tiny",
-        family="flux2-klein",
-        source="tiny",
-        cache_dir=str(tmp_path_factory.mktemp("klein")),
-    )
-    engine = ImageEngine(config)
-    engine.load()
-    return engine
+    return tiny_engine(tmp_path_factory, "flux2-klein", "klein-tiny")
 
 
 def test_klein_loads_its_pipelines_over_the_same_modules(klein):
@@ -280,11 +293,7 @@ def test_klein_preview_of_the_last_step_is_the_final_image(klein):
     last = []
     request = make_job(steps=3, guidance=1.0, width=96, height=64)
     [[image]] = klein.generate([request], lambda step, total, _, latents: last.append(latents))
-    projection, klein._preview_projection = klein._preview_projection, None
-    try:
-        [preview] = klein.decode_preview(last[-1], 96, 64)
-    finally:
-        klein._preview_projection = projection
+    preview = full_vae_preview(klein, last[-1], 96, 64)
     assert_batch_equivalent(np.asarray(preview, np.int16), np.asarray(image, np.int16))
     [rgb] = klein.decode_preview(last[-1], 96, 64)  # the fitted latent -> RGB map
     assert rgb.size == (96, 64)
@@ -341,24 +350,15 @@ def test_klein_refuses_guidance_naming_it():
 
 def test_a_peft_lora_for_klein_loads_and_changes_the_output(klein, tmp_path):
     from diffusers import Flux2KleinPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from serve_app.contract import AdapterRef
     from serve_app.families.flux2_klein_build import build_tiny_pipeline
 
+    targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
     transformer = build_tiny_pipeline().transformer
-    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"]
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    Flux2KleinPipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
-    )
+    path = save_peft_lora(transformer, Flux2KleinPipeline, tmp_path, targets)
     base = run(klein, guidance=1.0)
-    state = klein.read_adapter("mine", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    state = klein.read_adapter("mine", path)
     klein.add_adapter("mine", state)
     try:
         adapted = run(klein, guidance=1.0, adapters=(AdapterRef("mine", 1.0),))
@@ -409,21 +409,10 @@ def test_every_switch_a_family_allows_at_once_matches_eager(family, speed, memor
         return loaded
 
     fast, eager = engine(speed=speed, **memory), engine(speed=cache)
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     from serve_app.contract import AdapterRef
 
     donor = fast.family.build_tiny().transformer
-    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
-    with torch.no_grad():
-        for name, parameter in donor.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    fast.family.pipeline_class().save_lora_weights(
-        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(donor)
-    )
-    path = str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    path = save_peft_lora(donor, fast.family.pipeline_class(), tmp_path / "lora")
     for loaded in (fast, eager):
         loaded.add_adapter("a", loaded.read_adapter("a", path))
     images = []
@@ -440,9 +429,9 @@ def test_every_switch_a_family_allows_at_once_matches_eager(family, speed, memor
     [
         ({"family": "flux2-klein", "speed": {"first_block_cache_threshold": 0.1}}, "first_block"),
         ({"family": "flux2-klein", "speed": {"quantization": "fp8"}}, "quantization"),
-        ({"family": "flux", "parallel": {"ulysses": 2}}, "parallel"),
+        ({"family": "qwen-image", "parallel": {"ulysses": 2}}, "parallel"),
         ({"family": "qwen-image", "speed": {"first_block_cache_threshold": 0.1}}, "first_block"),
-        ({"family": "flux2-klein", "parallel": {"ulysses": 2}}, "parallel"),
+        ({"family": "qwen-image-edit", "speed": {"quantization": "fp8"}}, "quantization"),
     ],
 )
 def test_switches_a_family_does_not_run_are_refused_at_config(fields, refused):
@@ -455,16 +444,7 @@ def test_switches_a_family_does_not_run_are_refused_at_config(fields, refused):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    torch.set_num_threads(2)
-    config = ModelConfig(
-        id="qwen-tiny",
-        family="qwen-image",
-        source="tiny",
-        cache_dir=str(tmp_path_factory.mktemp("qwen")),
-    )
-    engine = ImageEngine(config)
-    engine.load()
-    return engine
+    return tiny_engine(tmp_path_factory, "qwen-image", "qwen-tiny")
 
 
 def test_qwen_loads_its_pipelines_over_the_same_modules(qwen):
@@ -526,11 +506,7 @@ def test_qwen_preview_of_the_last_step_is_the_final_image(qwen):
     last = []
     request = make_job(steps=3, guidance=4.0, width=96, height=64)
     [[image]] = qwen.generate([request], lambda step, total, _, latents: last.append(latents))
-    projection, qwen._preview_projection = qwen._preview_projection, None
-    try:
-        [preview] = qwen.decode_preview(last[-1], 96, 64)
-    finally:
-        qwen._preview_projection = projection
+    preview = full_vae_preview(qwen, last[-1], 96, 64)
     assert_batch_equivalent(np.asarray(preview, np.int16), np.asarray(image, np.int16))
     [rgb] = qwen.decode_preview(last[-1], 96, 64)
     assert rgb.size == (96, 64)
@@ -556,24 +532,14 @@ def test_qwen_batched_matches_alone(qwen):
 
 def test_a_peft_lora_for_qwen_loads_and_a_flux_one_is_refused(qwen, flux, tmp_path):
     from diffusers import QwenImagePipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from serve_app.contract import AdapterRef
     from serve_app.engine_adapters import AdapterLoadError
     from serve_app.lora_synthetic import write_adapter
 
-    transformer = qwen.family.build_tiny().transformer
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    QwenImagePipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
-    )
+    path = save_peft_lora(qwen.family.build_tiny().transformer, QwenImagePipeline, tmp_path)
     base = run(qwen, guidance=4.0)
-    state = qwen.read_adapter("mine", str(tmp_path / "pytorch_lora_weights.safetensors"))
+    state = qwen.read_adapter("mine", path)
     qwen.add_adapter("mine", state)
     try:
         adapted = run(qwen, guidance=4.0, adapters=(AdapterRef("mine", 1.0),))
@@ -589,35 +555,9 @@ def test_a_peft_lora_for_qwen_loads_and_a_flux_one_is_refused(qwen, flux, tmp_pa
 # --- Qwen-Image-Edit on its tiny model
 
 
-def save_peft_lora(transformer, pipeline_class, folder, targets=("to_q", "to_k", "to_v")) -> str:
-    """A LoRA built with peft on `transformer` (random nonzero B, so it changes the output),
-    saved with the pipeline's `save_lora_weights`; returns the file's path."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets)))
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    pipeline_class.save_lora_weights(
-        folder, transformer_lora_layers=get_peft_model_state_dict(transformer)
-    )
-    return str(folder / "pytorch_lora_weights.safetensors")
-
-
 @pytest.fixture(scope="module")
 def qwen_edit(tmp_path_factory):
-    torch.set_num_threads(2)
-    config = ModelConfig(
-        id="qwen-edit-tiny",
-        family="qwen-image-edit",
-        source="tiny",
-        cache_dir=str(tmp_path_factory.mktemp("qwen-edit")),
-    )
-    engine = ImageEngine(config)
-    engine.load()
-    return engine
+    return tiny_engine(tmp_path_factory, "qwen-image-edit", "qwen-edit-tiny")
 
 
 def edit(engine, image, **fields) -> np.ndarray:
@@ -707,11 +647,7 @@ def test_qwen_edit_preview_follows_the_prompts_pass_and_ends_at_the_image(qwen_e
     finally:
         hook.remove()
     assert len(calls) == 3  # guidance 1: true CFG off, one pass a step
-    projection, qwen_edit._preview_projection = qwen_edit._preview_projection, None
-    try:
-        [preview] = qwen_edit.decode_preview(last[-1], 96, 64)
-    finally:
-        qwen_edit._preview_projection = projection
+    preview = full_vae_preview(qwen_edit, last[-1], 96, 64)
     assert_batch_equivalent(np.asarray(preview, np.int16), np.asarray(image, np.int16))
 
 
