@@ -24,7 +24,12 @@ from serve_app.adapters import pipeline_name
 from serve_app.batching import group_key
 from serve_app.config import ModelConfig
 from serve_app.contract import GenerationCancelled, ModelRequest, PreviewImages
-from serve_app.engine_adapters import AdapterLoadError, linear_shapes, read_adapter_file
+from serve_app.engine_adapters import (
+    AdapterFamilyError,
+    AdapterLoadError,
+    linear_shapes,
+    read_adapter_file,
+)
 from serve_app.families import Endpoint, family_runner, traits
 from serve_app.geometry import nearest_resolution, parse_wxh
 from serve_app.imageops import composite
@@ -348,7 +353,8 @@ class ImageEngine:
             if "NaN" in str(exc):
                 raise
             title = traits(self.config.family).title
-            raise AdapterLoadError(
+            kind = AdapterFamilyError if isinstance(exc, AdapterFamilyError) else AdapterLoadError
+            raise kind(
                 f"{exc}. Model {self.config.id!r} is {title}: an adapter must be trained for "
                 "that family (one for another family names layers it does not have)"
             ) from None

@@ -18,6 +18,11 @@ class AdapterLoadError(ValueError):
     """An adapter file is unreadable or does not fit this model; the message says which."""
 
 
+class AdapterFamilyError(AdapterLoadError):
+    """The adapter adapts layers this model does not have: it was trained for another model
+    family (the client chose the wrong adapter, not a damaged file)."""
+
+
 def linear_shapes(pipe: Any) -> dict[str, tuple[int, int]]:
     """`"<component>.<module>"` -> (out_features, in_features) of every Linear layer of the
     pipeline's transformer and text encoder (take it before any adapter wraps one)."""
@@ -73,19 +78,27 @@ def check_adapter_shapes(
     shapes: Mapping[str, tuple[int, int]],
     model_id: str,
 ) -> None:
-    """Each LoRA matrix against the (out, in) features of the layer it adapts."""
+    """Each LoRA matrix against the (out, in) features of the layer it adapts. An adapter that
+    adapts any layer the model does not have is another family's (`AdapterFamilyError`: the
+    families here share some layer names and widths, never all of their layers)."""
+    matrices = []
     for key, tensor in state.items():
         prefix, _, rest = key.partition(".")
         for marker, dim in ((".lora_A.", 1), (".lora_B.", 0)):
             if prefix not in ("transformer", "text_encoder") or marker not in rest:
                 continue
-            if tensor.ndim != 2:
-                continue
-            features = shapes.get(f"{prefix}.{rest.split(marker)[0]}")
-            expected = None if features is None else features[dim]
-            if expected is None or tensor.shape[dim] != expected:
-                raise AdapterLoadError(
-                    f"adapter {name!r} does not fit model {model_id!r}: {key} has "
-                    f"shape {tuple(tensor.shape)}, the model's layer "
-                    f"{'is missing' if expected is None else f'has {expected} features'}"
-                )
+            if tensor.ndim == 2:
+                matrices.append((key, f"{prefix}.{rest.split(marker)[0]}", dim, tensor))
+    missing = sorted({layer for _, layer, _, _ in matrices if layer not in shapes})
+    if missing:
+        raise AdapterFamilyError(
+            f"adapter {name!r} does not fit model {model_id!r}: it adapts {len(missing)} "
+            f"layer(s) the model does not have, e.g. {missing[0]}"
+        )
+    for key, layer, dim, tensor in matrices:
+        expected = shapes[layer][dim]
+        if tensor.shape[dim] != expected:
+            raise AdapterLoadError(
+                f"adapter {name!r} does not fit model {model_id!r}: {key} has "
+                f"shape {tuple(tensor.shape)}, the model's layer has {expected} features"
+            )

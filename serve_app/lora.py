@@ -197,7 +197,13 @@ class ReplicaAdapters:
 
 
 def _invalid(exc: Exception) -> APIError:
+    """A refused adapter: 400 when it is for another model family (the request named the wrong
+    adapter), 422 when the file itself is unreadable, damaged or of other dimensions."""
+    from serve_app.engine_adapters import AdapterFamilyError
+
     logger.warning("adapter refused: %s", exc)
+    if isinstance(exc, AdapterFamilyError):
+        return APIError(str(exc), status=400, param="lora", code="adapter_wrong_family")
     return APIError(str(exc), status=422, param="lora", code="adapter_invalid")
 
 

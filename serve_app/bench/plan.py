@@ -63,7 +63,8 @@ def _flux_build(source: str) -> Callable[[Any, str, int], dict[str, Any]]:
 
 
 def planned_family(family: str, source: str = "synthetic") -> PlannedFamily:
-    """The plan's view of `family` (`flux-kontext`, `flux`, `qwen-image`, `qwen-image-edit`);
+    """The plan's view of `family` (`flux-kontext`, `flux`, `flux2-klein`, `qwen-image`,
+    `qwen-image-edit`, every family served);
     `source` (FLUX.1 only) picks the configs: synthetic, tiny or a diffusers directory."""
     if family in ("flux-kontext", "flux"):
         kontext = family == "flux-kontext"
@@ -116,6 +117,27 @@ def planned_family(family: str, source: str = "synthetic") -> PlannedFamily:
                 "= weights + max live storage bytes; extrapolated as for FLUX.1."
             ),
         )
+    if family == "flux2-klein":
+        from serve_app import memory_plan_klein as mk
+
+        return PlannedFamily(
+            model="FLUX.2-klein-4B",
+            tasks=dict(mk.TASKS),
+            build=lambda dtype, weights, rank: mk.build_model(dtype, weights, rank),
+            walk=mk.walk_call,
+            text_tokens=mk.TEXT_TOKENS,
+            image_tokens=mk.image_tokens_in_call,
+            architecture=mk.architecture,
+            weights=("bf16",),
+            sizes=tuple(FAMILIES["flux2-klein"].defaults["preferred_resolutions"]),
+            method=(
+                "FakeTensorMode walk of the engine call (serve_app/memory_plan_klein.py): "
+                "Qwen3-4B over the prompt padded to 512 tokens (layers 9/18/27 stacked), for "
+                "edits the VAE encode of the reference canvas once per call (its tokens repeated "
+                "per image), one denoising step with the previous velocity live, the VAE decode; "
+                "peak = weights + max live storage bytes; extrapolated as for FLUX.1."
+            ),
+        )
     raise ValueError(f"no memory plan for family {family!r}")
 
 
@@ -134,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family",
         default="flux-kontext",
-        help="flux-kontext (FLUX.1-Kontext-dev), flux (FLUX.1-dev), qwen-image, qwen-image-edit",
+        help="flux-kontext (FLUX.1-Kontext-dev), flux (FLUX.1-dev), flux2-klein, qwen-image, "
+        "qwen-image-edit",
     )
     parser.add_argument(
         "--source", default="synthetic", help="synthetic, tiny, or a diffusers model directory"

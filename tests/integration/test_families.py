@@ -10,6 +10,7 @@ saying what each model serves.
 import copy
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -95,11 +96,45 @@ def two_families(base_url, serve_config, redeploy, tmp_path_factory):
             "user_config": {"max_batch_images": 8, "batch_wait_timeout_s": BATCH_WAIT_S},
         }
     )
+    loras = family_loras(tmp_path_factory.mktemp("family-loras"))
+    for model in app["args"]["models"]:
+        if model["id"] in loras:
+            model["lora"] = {"dirs": [str(loras[model["id"]])]}
     redeploy(config, timeout_s=720)  # six model replicas start at once on two cores
     try:
         yield config
     finally:
         redeploy(serve_config)
+
+
+def family_loras(root) -> dict:
+    """A LoRA built with peft for each family's tiny transformer (`style`), and beside it one
+    built for another family (`alien`), in a directory per model."""
+    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline
+
+    from serve_app.families.flux2_klein_build import build_tiny_pipeline as klein_tiny
+    from serve_app.families.qwen_image_build import build_tiny_pipeline as qwen_tiny
+    from serve_app.tiny import build_tiny_pipeline as kontext_tiny
+    from tests.unit.test_model_families import save_peft_lora
+
+    builds = {
+        "flux": (lambda: kontext_tiny().transformer, FluxPipeline),  # FLUX.1's layers
+        "klein": (lambda: klein_tiny().transformer, Flux2KleinPipeline),
+        "qwen": (lambda: qwen_tiny().transformer, QwenImagePipeline),
+    }
+    files = {}
+    for family, (transformer, pipeline) in builds.items():
+        files[family] = save_peft_lora(transformer(), pipeline, root / family)
+    owners = {FLUX: ("flux", "qwen"), KLEIN: ("klein", "flux"), QWEN: ("qwen", "flux"),
+              QWEN_EDIT: ("qwen", "flux")}  # fmt: skip
+    folders = {}
+    for model, (own, other) in owners.items():
+        folder = root / model
+        folder.mkdir()
+        (folder / "style.safetensors").write_bytes(Path(files[own]).read_bytes())
+        (folder / "alien.safetensors").write_bytes(Path(files[other]).read_bytes())
+        folders[model] = folder
+    return folders
 
 
 def png(image: Image.Image) -> bytes:
@@ -419,3 +454,33 @@ def test_the_playground_picker_offers_each_model_where_it_serves(two_families, b
             page.close()
             browser.close()
     assert page.errors == []
+
+
+@pytest.mark.parametrize("model", [FLUX, KLEIN, QWEN, QWEN_EDIT])
+def test_each_family_runs_a_lora_built_for_it_and_refuses_another_familys(
+    two_families, client, model
+):
+    """Through the SDK: `<model>:style` (a peft LoRA of the model's family) changes the image,
+    the base model after it is the base image to the byte, and `alien` (another family's) is
+    a 400 naming `lora`."""
+
+    def call(name: str, **extra):
+        fields = dict(
+            prompt="a lighthouse", size="64x64",
+            extra_body={"seed": 3, "num_inference_steps": 2, **extra},
+        )  # fmt: skip
+        if model == QWEN_EDIT:
+            return client.images.edit(
+                model=name, image=("in.png", png(halves("red", "blue"))), **fields
+            )
+        return client.images.generate(model=name, **fields)
+
+    base = call(model).data[0].b64_json
+    styled = call(f"{model}:style").data[0].b64_json
+    assert (pixels(styled) != pixels(base)).mean() > 0.01
+    assert call(model).data[0].b64_json == base
+    with pytest.raises(openai.BadRequestError) as refused:
+        call(model, lora=[{"name": "alien", "scale": 1.0}])
+    error = refused.value.body
+    assert error["param"] == "lora" and error["code"] == "adapter_wrong_family"
+    assert "does not have" in error["message"]

@@ -170,6 +170,30 @@ def test_committed_plan_is_readable():
 # --- the Qwen families' walk (serve_app/memory_plan_qwen.py)
 
 
+def test_klein_walk_fake_matches_real_on_the_tiny_model():
+    """The FLUX.2 [klein] walk (serve_app/memory_plan_klein.py) with real float32 tensors on its
+    tiny model and with fake ones from its configs: the same weights; text-to-image (its peak in
+    the text encoder) to the byte, an edit (its peak in the reference's VAE encode) within the
+    convolution tolerance."""
+    from serve_app import memory_plan_klein as mk
+    from serve_app.families.flux2_klein_build import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    components = {n: getattr(pipe, n).float() for n in ("transformer", "text_encoder", "vae")}
+    configs = mk.component_configs(pipe)
+    for call, tolerance in [
+        (dict(width=128, height=96, batch=2, conditioning_images=0), EXACT_TOLERANCE),
+        (dict(width=128, height=96, batch=2, conditioning_images=1), CONVOLUTION_TOLERANCE),
+    ]:
+        real = _real_peak(components, walk=mk.walk_call, **call)
+        with mp.fake_mode():
+            model = mk.build_model(torch.float32, configs=configs)
+            weights = mp.storage_bytes(list(model.values()))
+            fake = mp.measure_call(model, walk=mk.walk_call, **call)["peak_live_bytes"]
+        assert weights == mp.storage_bytes(list(components.values()))
+        assert fake <= real and abs(fake - real) <= tolerance * real, (call, real, fake)
+
+
 def test_qwen_walk_fake_matches_real_on_the_tiny_edit_model():
     """The Qwen walk with real float32 tensors (the tiny Qwen-Image-Edit model) and with fake
     ones built from its configs: the same weights to the byte; text-to-image (VAE-bound) within
@@ -241,3 +265,12 @@ def test_the_committed_flux_dev_plan_is_kontexts_text_to_image():
     for row in flux["rows"]:
         key = (row["size"], row["batch"], row["weights"], row["lora_rank"])
         assert row["peak_bytes"] == pytest.approx(same[key], rel=0.001), key
+
+
+def test_every_served_family_has_a_plan():
+    """`bench plan --family F` takes every family a config may name."""
+    from serve_app.families import FAMILIES
+
+    for family in FAMILIES:
+        planned = bench_plan.planned_family(family)
+        assert planned.tasks and planned.architecture(), family

@@ -369,12 +369,12 @@ def test_a_peft_lora_for_klein_loads_and_changes_the_output(klein, tmp_path):
 
 
 def test_a_flux1_lora_is_refused_by_klein_naming_the_family(klein, flux, tmp_path):
-    from serve_app.engine_adapters import AdapterLoadError
+    from serve_app.engine_adapters import AdapterFamilyError
     from serve_app.lora_synthetic import write_adapter
 
     path = tmp_path / "flux1.safetensors"
     write_adapter(flux.pipe.transformer, path)
-    with pytest.raises(AdapterLoadError, match="FLUX.2"):
+    with pytest.raises(AdapterFamilyError, match="FLUX.2"):
         klein.read_adapter("flux1", str(path))
 
 
@@ -534,7 +534,7 @@ def test_a_peft_lora_for_qwen_loads_and_a_flux_one_is_refused(qwen, flux, tmp_pa
     from diffusers import QwenImagePipeline
 
     from serve_app.contract import AdapterRef
-    from serve_app.engine_adapters import AdapterLoadError
+    from serve_app.engine_adapters import AdapterFamilyError
     from serve_app.lora_synthetic import write_adapter
 
     path = save_peft_lora(qwen.family.build_tiny().transformer, QwenImagePipeline, tmp_path)
@@ -548,7 +548,7 @@ def test_a_peft_lora_for_qwen_loads_and_a_flux_one_is_refused(qwen, flux, tmp_pa
     finally:
         qwen.remove_adapters(["mine"])
     write_adapter(flux.pipe.transformer, tmp_path / "flux1.safetensors")
-    with pytest.raises(AdapterLoadError, match="Qwen-Image"):
+    with pytest.raises(AdapterFamilyError, match="Qwen-Image"):
         qwen.read_adapter("flux1", str(tmp_path / "flux1.safetensors"))
 
 
@@ -679,7 +679,7 @@ def test_a_peft_lora_for_qwen_edit_loads_and_a_flux_one_is_refused(qwen_edit, fl
     from diffusers import QwenImageEditPipeline
 
     from serve_app.contract import AdapterRef
-    from serve_app.engine_adapters import AdapterLoadError
+    from serve_app.engine_adapters import AdapterFamilyError
     from serve_app.lora_synthetic import write_adapter
 
     path = save_peft_lora(
@@ -695,5 +695,82 @@ def test_a_peft_lora_for_qwen_edit_loads_and_a_flux_one_is_refused(qwen_edit, fl
     finally:
         qwen_edit.remove_adapters(["mine"])
     write_adapter(flux.pipe.transformer, tmp_path / "flux1.safetensors")
-    with pytest.raises(AdapterLoadError, match="Qwen-Image-Edit"):
+    with pytest.raises(AdapterFamilyError, match="Qwen-Image-Edit"):
         qwen_edit.read_adapter("flux1", str(tmp_path / "flux1.safetensors"))
+
+
+# --- every family: cancellation and the replica's memory measurement
+
+FAMILY_ENGINES = {  # fixture -> (guidance it runs with, conditioning it needs)
+    "flux": (3.5, False),
+    "klein": (1.0, False),
+    "qwen": (4.0, False),
+    "qwen_edit": (4.0, True),
+}
+
+
+@pytest.mark.parametrize("fixture", list(FAMILY_ENGINES))
+def test_every_family_stops_a_call_whose_requests_all_went_away(fixture, request):
+    """The request goes away after step 1: the call stops at the next step boundary, and the
+    engine then serves the same request again as if nothing had happened."""
+    import threading
+
+    from serve_app.contract import GenerationCancelled
+
+    engine = request.getfixturevalue(fixture)
+    guidance, needs_image = FAMILY_ENGINES[fixture]
+    inputs = {"conditioning": (halves("red", "blue"),)} if needs_image else {}
+    cancel, steps = threading.Event(), []
+
+    def on_step(step, total, *_):
+        steps.append(step)
+        if step == 1:
+            cancel.set()
+
+    job = make_job(steps=6, guidance=guidance, cancel=cancel, **inputs)
+    with pytest.raises(GenerationCancelled):
+        engine.generate([job], on_step)
+    assert steps == [0, 1]
+    fresh = dict(steps=3, guidance=guidance, **inputs)
+    assert np.array_equal(run(engine, **fresh), run(engine, **fresh))
+
+
+class TensorBytesProbe:
+    """The bytes of tensors live during the call (the plan's counter on real tensors), on a
+    device of `capacity` bytes: a CPU stand-in for CUDA's peak-memory statistics."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.peaks: list[int] = []
+
+    def peak_bytes(self, run) -> int:
+        from serve_app import memory_plan as mp
+
+        live = mp.LiveBytes()
+        with mp.tracking(live):
+            run()
+        self.peaks.append(live.peak)
+        return live.peak
+
+    def capacity_bytes(self) -> int:
+        return self.capacity
+
+
+@pytest.mark.parametrize("fixture", list(FAMILY_ENGINES))
+def test_every_family_measures_its_memory_fit_at_warm_up(fixture, request):
+    """The replica's measurement (an edit of one image, then of two, at the warm-up size) runs
+    on every family and gives a line whose cap follows the device's capacity."""
+    engine = request.getfixturevalue(fixture)
+    probe = TensorBytesProbe(capacity=1)
+    config = engine.config
+    engine.config = config.model_copy(update={"warmup_sizes": ["64x64"]})
+    try:
+        fit, size = engine.measure_memory(probe)
+    finally:
+        engine.config = config
+    one, two = probe.peaks
+    assert size == (64, 64) and two > one > 0
+    assert fit.bytes_per_pixel > 0
+    roomy = fit.base_bytes + 10.5 * fit.bytes_per_pixel * 64 * 64
+    bigger = type(fit)(fit.base_bytes, fit.bytes_per_pixel, int(roomy / fit.headroom) + 1)
+    assert fit.max_images(64, 64) == 0 and bigger.max_images(64, 64) == 10
