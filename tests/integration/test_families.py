@@ -424,7 +424,8 @@ def test_the_playground_picker_offers_each_model_where_it_serves(two_families, b
                     )
                 )
 
-            assert disabled() == {QWEN_EDIT}  # generate mode
+            # generate mode: the edit-only model and its adapters (`<model>:<adapter>`)
+            assert disabled() == {QWEN_EDIT, f"{QWEN_EDIT}:style", f"{QWEN_EDIT}:alien"}
             assert "not for generations" in text[QWEN_EDIT]
             page.page.check('input[name="mode"][value="edit"]')
             assert disabled() == set()
