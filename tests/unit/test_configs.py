@@ -137,3 +137,34 @@ def test_parallel_config_is_the_production_model_on_two_gpus_per_replica():
     assert "autoscaling_config" not in deployment
     assert deployment["num_replicas"] * model.parallel.degree == 8
     assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_images"]
+
+
+ONE_MACHINE_CPUS = 2  # the machine local*.yaml are written for (ours, CI's: 2 cores)
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "local-multi.yaml"])
+def test_a_local_config_fits_one_small_machine_at_its_most_replicas(name):
+    """Every replica a local config can scale to must be schedulable on one 2-core machine:
+    Ray reserves each replica's CPUs, and one that does not fit waits forever (found by
+    `serve run configs/local-multi.yaml`: five models at one CPU each left three unscheduled)."""
+    raw = yaml.safe_load((CONFIGS[0].parent / name).read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    total = 0.0
+    for app in schema.applications:
+        built = ray_build_app(import_attr(app.import_path)(app.args), name=app.name)
+        overrides = {override.name: override for override in app.deployments}
+        for deployment in built.deployments:
+            override = overrides.get(deployment.name)
+            options = override.model_dump(exclude_unset=True) if override else {}
+            actor = options.get("ray_actor_options", deployment._replica_config.ray_actor_options)
+            autoscaling = (
+                options.get("autoscaling_config")
+                or deployment._deployment_config.autoscaling_config
+            )
+            most = (
+                (autoscaling["max_replicas"] if isinstance(autoscaling, dict)
+                 else autoscaling.max_replicas)
+                if autoscaling else options.get("num_replicas", deployment.num_replicas) or 1
+            )  # fmt: skip
+            total += most * actor.get("num_cpus", 1)
+    assert total <= ONE_MACHINE_CPUS, f"{name}: {total} CPUs reserved at the most replicas"
