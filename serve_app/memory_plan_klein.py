@@ -86,6 +86,7 @@ def walk_call(
 ) -> None:
     """One engine call of FLUX.2 [klein] (module docstring), `live` told each phase."""
     import torch
+    from diffusers import Flux2KleinPipeline as Pipe
 
     text_encoder, transformer, vae = (
         components["text_encoder"], components["transformer"], components["vae"],
@@ -107,7 +108,7 @@ def walk_call(
             del ids, mask
             states = cast(tuple[Any, ...], out.hidden_states)
             stacked = torch.stack([states[k] for k in LAYERS], dim=1)
-            del out
+            del out, states  # the pipeline keeps only the stacked layers
             prompt_embeds = stacked.permute(0, 2, 1, 3).reshape(batch, TEXT_TOKENS, -1)
             del stacked
             text_ids = torch.zeros(batch, TEXT_TOKENS, 4, dtype=torch.long)
@@ -120,7 +121,7 @@ def walk_call(
                 image = torch.zeros(1, 3, canvas_h, canvas_w, dtype=dtype)
                 encoded = vae.encode(image).latent_dist.mode()
                 del image
-                patches = _patchify(encoded)
+                patches = Pipe._patchify_latents(encoded)
                 del encoded
                 packed = patches.flatten(2).transpose(1, 2)  # (1, tokens, 128)
                 del patches
@@ -160,7 +161,7 @@ def walk_call(
         live.enter("vae_decode")
         with other:
             unpacked = latents.transpose(1, 2).reshape(batch, channels, lat_h, lat_w)
-            decoded = vae.decode(_unpatchify(unpacked), return_dict=False)[0]
+            decoded = vae.decode(Pipe._unpatchify_latents(unpacked), return_dict=False)[0]
             del unpacked
             images = (decoded / 2 + 0.5).clamp(0, 1)
             del decoded, images
@@ -169,15 +170,3 @@ def walk_call(
     if flops is not None:
         flops["step"] = step.total()
         flops["other"] = other.total()
-
-
-def _patchify(latents: Any) -> Any:
-    batch, channels, height, width = latents.shape
-    latents = latents.view(batch, channels, height // 2, 2, width // 2, 2)
-    return latents.permute(0, 1, 3, 5, 2, 4).reshape(batch, channels * 4, height // 2, width // 2)
-
-
-def _unpatchify(latents: Any) -> Any:
-    batch, channels, height, width = latents.shape
-    latents = latents.reshape(batch, channels // 4, 2, 2, height, width)
-    return latents.permute(0, 1, 4, 2, 5, 3).reshape(batch, channels // 4, height * 2, width * 2)

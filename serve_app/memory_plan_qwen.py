@@ -125,6 +125,7 @@ def walk_call(
 ) -> None:
     """One engine call of a Qwen family (module docstring), `live` told each phase."""
     import torch
+    from diffusers import QwenImagePipeline as Pipe
 
     text_encoder, transformer, vae = (
         components["text_encoder"], components["transformer"], components["vae"],
@@ -158,12 +159,14 @@ def walk_call(
                 cat = torch.cat(encoded, dim=0)
                 del encoded
                 cat = (cat - 0.5) / 2.0  # normalised by the per-channel mean and std
-                image_latents = _pack(cat[:, :, 0], channels)
+                flat = cat[:, :, 0]
+                image_latents = Pipe._pack_latents(flat, batch, channels, *flat.shape[2:])
+                del flat
                 del cat
 
         live.enter("denoise")
         noise = torch.randn(batch, channels, lat_h, lat_w, dtype=dtype)
-        latents = _pack(noise, channels)
+        latents = Pipe._pack_latents(noise, batch, channels, lat_h, lat_w)
         del noise
         shapes = [(1, lat_h // 2, lat_w // 2)] + ([(1, in_h // 16, in_w // 16)] if edit else [])
         img_shapes = [shapes] * batch
@@ -200,7 +203,7 @@ def walk_call(
 
         live.enter("vae_decode")
         with other:
-            unpacked = _unpack(latents, lat_h, lat_w)[:, :, None]
+            unpacked = Pipe._unpack_latents(latents, height, width, 8)  # (B, C, 1, H/8, W/8)
             decoded = vae.decode(unpacked, return_dict=False)[0][:, :, 0]
             del unpacked
             images = (decoded / 2 + 0.5).clamp(0, 1)
@@ -210,19 +213,6 @@ def walk_call(
     if flops is not None:
         flops["step"] = step.total()
         flops["other"] = other.total()
-
-
-def _pack(latents: Any, channels: int) -> Any:
-    """(B, C, H, W) -> (B, H/2 * W/2, C * 4), as the pipelines' `_pack_latents`."""
-    batch, _, height, width = latents.shape
-    latents = latents.view(batch, channels, height // 2, 2, width // 2, 2)
-    return latents.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // 2) * (width // 2), -1)
-
-
-def _unpack(packed: Any, height: int, width: int) -> Any:
-    batch, _, dim = packed.shape
-    latents = packed.view(batch, height // 2, width // 2, dim // 4, 2, 2)
-    return latents.permute(0, 3, 1, 4, 2, 5).reshape(batch, dim // 4, height, width)
 
 
 def component_configs(pipe: Any) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,10 @@ class PlannedFamily:
     sizes: tuple[str, ...] = ()  # the family's preferred sizes (default: Kontext's)
 
 
+def _preferred_sizes(family: str) -> tuple[str, ...]:
+    return tuple(FAMILIES[family].defaults["preferred_resolutions"])
+
+
 def _flux_build(source: str) -> Callable[[Any, str, int], dict[str, Any]]:
     return lambda dtype, weights, rank: mp.build_model(
         mp.component_configs(source), dtype, weights, rank
@@ -97,17 +101,13 @@ def planned_family(family: str, source: str = "synthetic") -> PlannedFamily:
         return PlannedFamily(
             model="Qwen-Image-Edit" if edit else "Qwen-Image",
             tasks={"edits-1": 1} if edit else {"generations": 0},
-            build=lambda dtype, weights, rank: mq.build_model(dtype, weights, rank),
+            build=mq.build_model,
             walk=mq.walk_call,
             text_tokens=mq.TEXT_TOKENS,
             image_tokens=mq.image_tokens_in_call,
             architecture=mq.architecture,
             weights=("bf16",),
-            sizes=tuple(
-                FAMILIES["qwen-image-edit" if edit else "qwen-image"].defaults[
-                    "preferred_resolutions"
-                ]
-            ),
+            sizes=_preferred_sizes(family),
             method=(
                 "FakeTensorMode walk of the engine call with true CFG (serve_app/"
                 "memory_plan_qwen.py): Qwen2.5-VL text encoder for the prompt and the negative "
@@ -123,13 +123,13 @@ def planned_family(family: str, source: str = "synthetic") -> PlannedFamily:
         return PlannedFamily(
             model="FLUX.2-klein-4B",
             tasks=dict(mk.TASKS),
-            build=lambda dtype, weights, rank: mk.build_model(dtype, weights, rank),
+            build=mk.build_model,
             walk=mk.walk_call,
             text_tokens=mk.TEXT_TOKENS,
             image_tokens=mk.image_tokens_in_call,
             architecture=mk.architecture,
             weights=("bf16",),
-            sizes=tuple(FAMILIES["flux2-klein"].defaults["preferred_resolutions"]),
+            sizes=_preferred_sizes(family),
             method=(
                 "FakeTensorMode walk of the engine call (serve_app/memory_plan_klein.py): "
                 "Qwen3-4B over the prompt padded to 512 tokens (layers 9/18/27 stacked), for "
