@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with its test extras, and Debian's redis-server for the
 # asynchronous jobs (the app starts it itself); `--tests` also installs Debian's Chromium for the
-# playground's browser tests (as root, with apt; elsewhere each says what to do).
+# playground's browser tests and exiftool for the provenance tests (as root, with apt; elsewhere
+# each says what to do).
 # torch goes first, pinned, so that no other requirement pulls a multi-GB CUDA build: on our CPU
 # machines torch==2.13.0 is a CPU build that lies on disk. On a GPU host pick your own build, e.g.
 #   TORCH_SPEC="torch==2.9.1" bash scripts/setup.sh
@@ -37,4 +38,7 @@ apt_install() {  # $1: package, $2: what needs it
 command -v redis-server >/dev/null 2>&1 || apt_install redis-server "asynchronous jobs"
 if [ "${1:-}" = "--tests" ] && ! command -v chromium >/dev/null 2>&1; then
     apt_install chromium "the browser tests"
+fi
+if [ "${1:-}" = "--tests" ] && ! command -v exiftool >/dev/null 2>&1; then
+    apt_install libimage-exiftool-perl "the provenance tests (exiftool reads the marks)"
 fi

@@ -144,6 +144,10 @@ class ModelRequest:
     # call (only requests with equal digests share one); "" for the others.
     references_key: str = ""
     report_progress: bool = False  # streaming: send `Progress` after every denoising step
+    # Moderation: the request's `moderation` (`auto` | `low`), and its input images downscaled
+    # for their check (`moderation.thumbnails`; only when the model checks input images).
+    moderation: str = "auto"
+    moderation_inputs: tuple[Any, ...] = field(default=(), metadata=IMAGE)
     events: Callable[[PreviewImages | Progress], None] | None = field(
         default=None, compare=False, repr=False, metadata=SKIP
     )
@@ -161,6 +165,10 @@ class ModelRequest:
     @property
     def masked(self) -> bool:
         return self.mask is not None
+
+    @property
+    def low_moderation(self) -> bool:
+        return self.moderation == "low"
 
     @property
     def adapter_set(self) -> str:

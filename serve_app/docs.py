@@ -18,11 +18,15 @@ from serve_app.config import (
     AppArgs,
     AuthConfig,
     BatchingConfig,
+    C2paConfig,
+    ClassifierCheck,
     JobsConfig,
     LoraConfig,
     ModelConfig,
     ParallelConfig,
+    ProvenanceConfig,
     QualitySteps,
+    SafetyConfig,
     SpeedConfig,
     StorageConfig,
     UploadLimits,
@@ -82,6 +86,13 @@ def _config_tables() -> str:
             "`lora:` (per model)\n\n" + fields_table(LoraConfig),
             '`parallel:` (per model; docs/gpu.md "Sequence-parallel replicas")\n\n'
             + fields_table(ParallelConfig),
+            '`safety:` (per model; docs/operations.md "Moderation")\n\n'
+            + fields_table(SafetyConfig),
+            "`safety.text_classifier:` / `safety.image_classifier:`\n\n"
+            + fields_table(ClassifierCheck),
+            '`provenance:` (per model; docs/operations.md "Provenance")\n\n'
+            + fields_table(ProvenanceConfig),
+            "`provenance.c2pa:`\n\n" + fields_table(C2paConfig),
             "`batching:` (and a model deployment's `user_config`)\n\n"
             + fields_table(BatchingConfig),
             "`limits:`\n\n" + fields_table(UploadLimits),

@@ -129,7 +129,23 @@ class ModelMetrics:
             tags,
             boundaries=LATENCY_BUCKETS_S,
         )
+        self.moderation_refusals = _make(
+            "Counter",
+            "serve_app_moderation_refusals",
+            "Requests refused by moderation, by check (blocked_terms, text_classifier, "
+            "input_image, output_image, preview).",
+            ("model", "check"),
+        )
+        self.moderation_seconds = _make(
+            "Histogram",
+            "serve_app_moderation_seconds",
+            "Time of one batched moderation check (prompt, input or output images).",
+            ("model", "stage"),
+            boundaries=LATENCY_BUCKETS_S,
+        )
         for metric in (
+            self.moderation_refusals,
+            self.moderation_seconds,
             self.adapter_loads,
             self.adapter_evictions,
             self.adapter_requests,

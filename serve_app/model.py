@@ -46,6 +46,8 @@ from serve_app.contract import (
 from serve_app.lora import ReplicaAdapters
 from serve_app.memory_fit import MemoryFit, batch_limit, one_image_per_call
 from serve_app.metrics import ModelMetrics
+from serve_app.moderation import Moderation, Refused
+from serve_app.provenance import Provenance, provenance_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -83,6 +85,36 @@ def _torch_threads(config: ModelConfig) -> int:
     except Exception:  # noqa: BLE001 - outside Ray
         cpus = 0
     return max(1, round(cpus)) if cpus else max(1, os.cpu_count() or 1)
+
+
+class ImageMarks:
+    """Encodes a request's images with the model's provenance marks (`serve_app.provenance`),
+    and signs each with a C2PA manifest where the config has a signing identity."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        from serve_app.provenance import C2paSigner
+
+        self.config = config
+        c2pa = config.provenance.c2pa  # the config refuses c2pa with provenance turned off
+        self.signer = C2paSigner(c2pa) if c2pa is not None else None
+
+    def provenance(self, request: ModelRequest) -> Provenance | None:
+        return provenance_for(
+            self.config.provenance,
+            self.config.id,
+            edit=bool(request.conditioning),
+            composite=request.masked,
+        )
+
+    def encode_all(self, images: Sequence[Any], request: ModelRequest) -> list[bytes]:
+        marks = self.provenance(request)
+        fmt, compression = request.output_format, request.output_compression
+        encoded = [encode_image(image, fmt, compression, provenance=marks) for image in images]
+        if self.signer is None or marks is None:
+            return encoded
+        # An edit's ingredient is the canvas the model was conditioned on (its input images).
+        ingredients = [encode_image(canvas, "png") for canvas in request.conditioning]
+        return [self.signer.sign(data, fmt, marks, ingredients) for data in encoded]
 
 
 class ImageModel:
@@ -163,6 +195,13 @@ class ImageModel:
         self.adapters = ReplicaAdapters(
             self.config, self.engine, self._pipeline_thread, self.metrics, self._busy_adapters
         )
+        # Moderation's classifiers run on their own thread: a check never waits for a pipeline
+        # call, and the next call never waits for a check.
+        from serve_app.classifiers import load_moderation
+
+        self.moderation: Moderation | None = load_moderation(self.config, self.engine.device)
+        self._moderation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderation")
+        self.marks = ImageMarks(self.config)
         self.replica_id = _replica_id()
         logger.info(
             "ImageModel %s ready with %d torch threads", self.config.id, torch.get_num_threads()
@@ -268,15 +307,39 @@ class ImageModel:
             )
         return tokens
 
-    def check_request(self, request: ModelRequest) -> int:
-        """The checks a request passes before it may join a call; its text token count."""
+    async def check_request(self, request: ModelRequest) -> int:
+        """The checks a request passes before it may join a call (prompt length, the engine's,
+        moderation of the prompt and input images); its text token count. The ingress calls it
+        before queueing a job, and every request runs it again here."""
         tokens = self.count_text_tokens(request.prompt)
         self.engine.check_request(request)
+        moderation = self.moderation
+        if moderation is not None:
+            low = request.low_moderation
+            if moderation.checks_prompts:
+                await self._moderate("prompt", moderation.check_prompt, request.prompt, low)
+            if moderation.checks_input_images and request.moderation_inputs:
+                await self._moderate(
+                    "inputs", moderation.check_inputs, request.moderation_inputs, low
+                )
         return tokens
+
+    async def _moderate(self, stage: str, check: Any, *args: Any) -> None:
+        """One moderation check on its thread; a refusal is counted and raised."""
+        started = time.monotonic()
+        refused: Refused | None = await asyncio.get_running_loop().run_in_executor(
+            self._moderation_thread, functools.partial(check, *args)
+        )
+        self.metrics.moderation_seconds.observe(time.monotonic() - started, tags={"stage": stage})
+        if refused is not None:
+            self.metrics.moderation_refusals.inc(tags={"check": refused.check})
+            # Which check refused is logged; what was refused (prompt, pixels) never is.
+            logger.info("moderation refused a request: %s", refused.detail)
+            raise refused.error()
 
     async def generate(self, request: ModelRequest) -> GenerationResult:
         """Generate and encode every image of one request."""
-        return await self._generate(request, self.check_request(request))
+        return await self._generate(request, await self.check_request(request))
 
     async def generate_stream(self, request: ModelRequest) -> AsyncIterator[StreamEvent]:
         """Streaming variant: `Accepted` (after validation), `PartialImage`s, `Completed`.
@@ -284,7 +347,7 @@ class ImageModel:
         Previews travel from the pipeline thread through a per-request queue; each is encoded in
         the request's output format off the event loop.
         """
-        text_tokens = self.check_request(request)
+        text_tokens = await self.check_request(request)
         yield Accepted(text_tokens=text_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[PreviewImages | Progress] = asyncio.Queue()
@@ -318,10 +381,23 @@ class ImageModel:
     ) -> Sequence[PartialImage | Progress]:
         if isinstance(event, Progress):
             return [event]
+        if self.moderation is not None and self.moderation.checks_output_images:
+            # A preview shows the image to come: it passes the output check before it is sent.
+            await self._moderate(
+                "previews", self._check_previews, event, request.low_moderation, request.n
+            )
         return await asyncio.to_thread(self._encode_previews, request, event)
+
+    def _check_previews(self, previews: PreviewImages, low: bool, total: int) -> Refused | None:
+        assert self.moderation is not None
+        refused = self.moderation.check_outputs(
+            previews.images, low, total, previews.first_image_index
+        )
+        return Refused("preview", "preview of " + refused.detail) if refused else None
 
     @staticmethod
     def _encode_previews(request: ModelRequest, previews: PreviewImages) -> list[PartialImage]:
+        """Previews carry no provenance marks: they are not the returned or stored images."""
         return [
             PartialImage(
                 image_index=previews.first_image_index + k,
@@ -344,11 +420,11 @@ class ImageModel:
             logger.info("request %s cancelled", request.request_id)
             raise
         images = [image for chunk_images, _ in outcomes for image in chunk_images]
-        encoded = await asyncio.to_thread(
-            lambda: [
-                encode_image(im, request.output_format, request.output_compression) for im in images
-            ]
-        )
+        if self.moderation is not None and self.moderation.checks_output_images:
+            # Before encoding: a refused image is never encoded, sent, stored or linked.
+            check, low = self.moderation.check_outputs, request.low_moderation
+            await self._moderate("outputs", check, images, low, len(images))
+        encoded = await asyncio.to_thread(self.marks.encode_all, images, request)
         return GenerationResult(
             images=encoded,
             text_tokens=text_tokens,

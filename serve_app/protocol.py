@@ -149,6 +149,11 @@ class ImageOptions(RequestModel):
         description="Extension, with `Prefer: respond-async`: POST the finished job object here "
         "(signed the Standard Webhooks way).",
     )
+    moderation: str | None = Field(
+        default=None,
+        description="`auto` (default) or `low`: what `low` relaxes is the model's "
+        "`safety` config (docs/operations.md); the operator may forbid `low` (400).",
+    )
     lora: list[LoraRequest] | None = Field(
         default=None,
         description='Extension: LoRA adapters with weights, e.g. `[{"name": "style", '

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from serve_app.adapters import check_name, not_found
 from serve_app.config import ModelConfig, UploadLimits
@@ -18,6 +18,7 @@ from serve_app.contract import AdapterRef, APIError, ModelRequest
 from serve_app.dataclass_json import from_jsonable, to_jsonable
 from serve_app.families import Endpoint, traits
 from serve_app.geometry import PATCH, format_wxh, image_tokens, nearest_resolution, parse_wxh
+from serve_app.moderation import check_moderation_value
 from serve_app.protocol import (
     MAX_SEED,
     SHOWN_CHARS,
@@ -63,6 +64,7 @@ class ResolvedGeneration:
     adapters: tuple[AdapterRef, ...] = ()
     adapters_param: str = "lora"  # where the request named them: `lora` or `model`
     references_per_call: bool = False  # the family's pipeline shares input images per call
+    moderation: str = "auto"  # `low` relaxes what the model's safety config says
 
     @property
     def size(self) -> str:
@@ -80,9 +82,13 @@ class ResolvedGeneration:
         return from_jsonable(cls, json.loads(text))
 
     def to_model_request(
-        self, request_id: str, conditioning: Conditioning | None = None
+        self,
+        request_id: str,
+        conditioning: Conditioning | None = None,
+        moderation_inputs: tuple[Any, ...] = (),
     ) -> ModelRequest:
-        """The model request a replica runs for this HTTP request (edits add their conditioning)."""
+        """The model request a replica runs for this HTTP request (edits add their conditioning,
+        and, where the model checks input images, their downscaled copies)."""
         return ModelRequest(
             request_id=request_id,
             prompt=self.prompt,
@@ -99,6 +105,8 @@ class ResolvedGeneration:
             preview_steps=preview_steps(self.partial_images, self.steps) if self.stream else (),
             adapters=self.adapters,
             references_key=references_key(conditioning) if self.references_per_call else "",
+            moderation=self.moderation,
+            moderation_inputs=moderation_inputs,
         )
 
 
@@ -362,11 +370,13 @@ def resolve_generation(
     input_size: tuple[int, int] | None = None,
     masked: bool = False,
     input_images: int = 0,
+    key_allows_low: bool = True,
 ) -> ResolvedGeneration:
     """Apply defaults and bounds; raise `APIError` naming the first bad parameter.
 
     `input_size` is the (first) input image's size for edits and variations, `input_images`
-    how many images an edit sent.
+    how many images an edit sent; `key_allows_low` whether the caller's API key may send
+    `moderation: low`.
     """
     model, adapter_in_model = select_model_and_adapter(request.model, models, endpoint_of(request))
     _check_inputs(model, masked, input_images)
@@ -393,6 +403,11 @@ def resolve_generation(
         request.response_format, RESPONSE_FORMATS, "b64_json", "response_format"
     )
     _check_streaming(request, response_format)
+    moderation = check_moderation_value(
+        request.moderation,
+        model.safety.allow_low and key_allows_low,
+        f"for model {model.id!r}" if not model.safety.allow_low else "for this API key",
+    )
     output_format = _choice(request.output_format, OUTPUT_FORMATS, "png", "output_format")
     if request.output_compression is not None and output_format == "png":
         raise APIError(
@@ -439,6 +454,7 @@ def resolve_generation(
         adapters=adapters,
         adapters_param=adapters_param,
         references_per_call=family.references_per_call,
+        moderation=moderation,
     )
 
 

@@ -113,3 +113,25 @@ def write_test_adapters(path, tiny_cache_dir: str):
     write_adapter(transformer, path / "k.safetensors", seed=3, fmt="kohya")
     (path / "corrupt.safetensors").write_bytes(CORRUPT_SAFETENSORS)
     return transformer
+
+
+@pytest.fixture(scope="session")
+def moderation_models(tmp_path_factory) -> dict[str, str]:
+    """The tiny moderation classifiers (tests/moderation_models.py), saved once per session:
+    paths of `image` and `text`, and the text classifier's `text_label` and `text_threshold`."""
+    from tests.moderation_models import (
+        save_image_classifier,
+        save_text_classifier,
+        text_threshold,
+    )
+
+    root = tmp_path_factory.mktemp("moderation")
+    image = save_image_classifier(root / "image")
+    text = save_text_classifier(root / "text")
+    label, threshold = text_threshold(text)
+    return {
+        "image": str(image),
+        "text": str(text),
+        "text_label": label,
+        "text_threshold": str(threshold),
+    }

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve_app.bench import gpu, load, modes, parallel, plan, report
+from serve_app.bench import gpu, load, moderation, modes, parallel, plan, provenance, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module in (("gpu", gpu), ("load", load), ("report", report), ("modes", modes),
-                         ("plan", plan), ("parallel", parallel)):  # fmt: skip
+                         ("plan", plan), ("parallel", parallel),
+                         ("provenance", provenance), ("moderation", moderation)):  # fmt: skip
         command = commands.add_parser(name, help=(module.__doc__ or name).splitlines()[0])
         module.add_arguments(command)
         command.set_defaults(run=module.run)

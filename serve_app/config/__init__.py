@@ -9,6 +9,7 @@ public name importable from here (``from serve_app.config import ModelConfig``):
   the Kontext resolutions and the tiny model's presets);
 - ``limits``: ``BatchingConfig``, ``UploadLimits``, ``AuthConfig``;
 - ``storage``: ``StorageConfig``;
+- ``safety``: ``SafetyConfig`` (moderation), ``provenance``: ``ProvenanceConfig`` (image marks);
 - ``jobs``: ``JobsConfig`` (with the consumers' timings, checked against each other) and
   ``WebhookConfig``;
 - here: ``AppArgs``, which holds them all.
@@ -31,6 +32,8 @@ from serve_app.config.models import (
     QualitySteps,
     SpeedConfig,
 )
+from serve_app.config.provenance import C2paConfig, ProvenanceConfig
+from serve_app.config.safety import ClassifierCheck, SafetyConfig
 from serve_app.config.storage import StorageConfig
 
 __all__ = [
@@ -39,12 +42,16 @@ __all__ = [
     "AppArgs",
     "AuthConfig",
     "BatchingConfig",
+    "C2paConfig",
+    "ClassifierCheck",
     "JobsConfig",
     "LoraConfig",
     "ModelConfig",
     "ParallelConfig",
+    "ProvenanceConfig",
     "QualityName",
     "QualitySteps",
+    "SafetyConfig",
     "SpeedConfig",
     "StorageConfig",
     "StrictModel",

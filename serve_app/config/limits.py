@@ -127,6 +127,11 @@ class AuthConfig(StrictModel):
     api_keys_file: str | None = Field(
         default=None, description="YAML file mapping a name to each key (`alice: sk-...`)."
     )
+    moderation_low_keys: list[str] | None = Field(
+        default=None,
+        description="Names of the keys that may send `moderation: low` (others get a 400); "
+        "unset: every key. A model's `safety.allow_low: false` forbids it for all.",
+    )
 
     @property
     def enabled(self) -> bool:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from serve_app.config.base import StrictModel
+from serve_app.config.provenance import ProvenanceConfig
+from serve_app.config.safety import SafetyConfig
 from serve_app.families import FAMILIES, KONTEXT_RESOLUTIONS, FamilyName, traits
 from serve_app.geometry import PATCH, parse_wxh
 
@@ -279,6 +281,14 @@ class ModelConfig(StrictModel):
         default_factory=ParallelConfig,
         description="Sequence parallelism across GPUs of one node (docs/gpu.md); the builder "
         "gives each replica one placement-group bundle per rank.",
+    )
+    safety: SafetyConfig = Field(
+        default_factory=SafetyConfig,
+        description="Moderation of prompts, input and output images (off until `enabled`).",
+    )
+    provenance: ProvenanceConfig = Field(
+        default_factory=ProvenanceConfig,
+        description="Marks on every image returned or stored (on by default), optional C2PA.",
     )
 
     @model_validator(mode="before")

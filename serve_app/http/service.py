@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -33,6 +34,7 @@ from serve_app.http.responses import sse
 from serve_app.imageops import Conditioning, prepare_conditioning
 from serve_app.metrics import IngressMetrics
 from serve_app.model_client import ModelClient, ModelStream
+from serve_app.moderation import thumbnails
 from serve_app.protocol import ImageOptions, Usage
 from serve_app.resolution import ResolvedGeneration, build_usage, resolve_generation
 from serve_app.shapes import images_response, stream_event
@@ -68,8 +70,19 @@ class ImagesService:
 
     async def create_generation(self, request: Request) -> Response:
         parsed = await bodies.read_generation(request, self.limits)
-        resolved = resolve_generation(parsed, self.configs, self.args.max_n, limits=self.limits)
+        resolved = resolve_generation(
+            parsed,
+            self.configs,
+            self.args.max_n,
+            limits=self.limits,
+            key_allows_low=self._key_allows_low(request),
+        )
         return await self._dispatch(request, "generation", parsed, resolved)
+
+    def _key_allows_low(self, request: Request) -> bool:
+        """Whether the caller's API key may send `moderation: low` (`auth.moderation_low_keys`)."""
+        allowed = self.args.auth.moderation_low_keys
+        return allowed is None or getattr(request.state, "key_name", None) in allowed
 
     async def create_edit(self, request: Request) -> Response:
         parsed, uploads = await bodies.read_edit(request, self.limits)
@@ -103,14 +116,22 @@ class ImagesService:
                 input_size=inputs.size,
                 masked=inputs.masked,
                 input_images=len(inputs.images),
+                key_allows_low=self._key_allows_low(request),
             )
-            buckets = self.configs[resolved.model_id].resolution_buckets
+            config = self.configs[resolved.model_id]
             output_size = (resolved.width, resolved.height)
             conditioning = await asyncio.to_thread(
-                prepare_conditioning, inputs.images, inputs.mask, output_size, buckets
+                prepare_conditioning,
+                inputs.images,
+                inputs.mask,
+                output_size,
+                config.resolution_buckets,
             )
+            checked: tuple[Any, ...] = ()
+            if config.safety.checks_input_images:  # each input image, as sent, is checked
+                checked = await asyncio.to_thread(thumbnails, inputs.images)
             del inputs
-        return await self._dispatch(request, endpoint, parsed, resolved, conditioning)
+        return await self._dispatch(request, endpoint, parsed, resolved, conditioning, checked)
 
     async def _dispatch(
         self,
@@ -119,6 +140,7 @@ class ImagesService:
         parsed: ImageOptions,
         resolved: ResolvedGeneration,
         conditioning: Conditioning | None = None,
+        moderation_inputs: tuple[Any, ...] = (),
     ) -> Response:
         """Send the model request to its deployment (streamed, or one JSON answer), or queue it as
         an asynchronous job."""
@@ -143,7 +165,9 @@ class ImagesService:
             )
         if resolved.adapters:
             await asyncio.to_thread(self._check_adapters, resolved)
-        model_request = resolved.to_model_request(request.state.request_id, conditioning)
+        model_request = resolved.to_model_request(
+            request.state.request_id, conditioning, moderation_inputs
+        )
         input_tokens = image_tokens(*conditioning.canvas.size) if conditioning else 0
         model = self.models[resolved.model_id]
         if jobs is not None:

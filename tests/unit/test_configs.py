@@ -107,6 +107,29 @@ def test_production_config_runs_flux_kontext_on_gpus():
     assert deployment["autoscaling_config"]["downscale_delay_s"] >= 300
 
 
+def test_moderation_is_on_in_production_and_off_locally_and_provenance_on_in_both():
+    """The production model checks input and output images with BFL's reference classifier at
+    its threshold; the local one moderates nothing unless turned on; both mark their images."""
+    [production] = AppArgs.model_validate(
+        yaml.safe_load((CONFIGS[0].parent / "flux-kontext.yaml").read_text())["applications"][0][
+            "args"
+        ]
+    ).models
+    safety = production.safety
+    assert safety.checks_input_images and safety.checks_output_images
+    assert safety.image_classifier is not None
+    assert safety.image_classifier.source == "Falconsai/nsfw_image_detection"
+    assert (safety.image_classifier.flagged_labels, safety.image_classifier.threshold) == (
+        ["nsfw"],
+        0.85,
+    )
+    local = AppArgs.model_validate(
+        yaml.safe_load((CONFIGS[0].parent / "local.yaml").read_text())["applications"][0]["args"]
+    ).models
+    assert not any(model.safety.enabled for model in local)
+    assert all(model.provenance.enabled for model in [production, *local])
+
+
 def test_parallel_config_is_the_production_model_on_two_gpus_per_replica():
     """configs/flux-kontext-parallel.yaml: flux-kontext.yaml's model with `parallel` on, as 4
     replicas x 2 GPUs on one 8-GPU node; the placement group comes from the builder alone."""

@@ -56,6 +56,8 @@ def a_model_request() -> ModelRequest:
         adapters=(AdapterRef("a", 0.5), AdapterRef("b", 1.25)),
         references_key="0123abcd",
         report_progress=True,
+        moderation="low",
+        moderation_inputs=(canvas.rotate(180), Image.new("RGB", (8, 8), (1, 2, 3))),
     )
 
 
@@ -79,6 +81,7 @@ def a_resolved() -> ResolvedGeneration:
         adapters=(AdapterRef("x", 0.75),),
         adapters_param="model",
         references_per_call=True,
+        moderation="low",
     )
 
 
@@ -96,7 +99,7 @@ def test_every_field_of_a_model_request_round_trips_through_json():
                 mine.size,
                 mine.tobytes(),
             )
-        elif field.name == "conditioning":
+        elif field.name in ("conditioning", "moderation_inputs"):
             assert [im.tobytes() for im in theirs] == [im.tobytes() for im in mine]
         else:
             assert theirs == mine and type(theirs) is type(mine), field.name
