@@ -14,6 +14,7 @@ message names the check (prompt, input image N, output image N of n) and never e
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +55,19 @@ class Refused:
         return refusal(self.detail)
 
 
+def normalized(text: str) -> str:
+    """What the term check reads: NFKC (full-width and other compatibility forms become their
+    plain letters), case-folded, without invisible format characters (zero-width spaces and
+    joiners, soft hyphens), which would otherwise split a word without showing."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(char for char in folded if unicodedata.category(char) != "Cf")
+
+
 def _term_pattern(terms: Sequence[str], patterns: Sequence[str]) -> re.Pattern[str] | None:
-    """One case-insensitive regex: each term as whole words (any run of spaces between its
-    words), then the operator's patterns as written."""
+    """One case-insensitive regex over the normalized prompt: each normalized term as whole
+    words (any run of spaces between its words), then the operator's patterns as written."""
     parts = [
-        r"(?<!\w)" + r"\s+".join(re.escape(word) for word in term.split()) + r"(?!\w)"
+        r"(?<!\w)" + r"\s+".join(re.escape(word) for word in normalized(term).split()) + r"(?!\w)"
         for term in terms
         if term.strip()
     ]
@@ -105,7 +114,7 @@ class Moderation:
 
     def check_prompt(self, prompt: str, low: bool) -> Refused | None:
         if self._terms is not None and (self.config.terms_under_low or not low):
-            if self._terms.search(prompt):
+            if self._terms.search(normalized(prompt)):
                 return Refused("blocked_terms", "prompt: blocked terms")
         check = self.config.text_classifier
         if self._text is not None and check is not None:

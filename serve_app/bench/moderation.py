@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from serve_app.bench.provenance import median_ms, write_result
 
 BATCHES = (1, 4, 8)
 
@@ -55,16 +53,6 @@ def save_vit_base(directory: Path) -> Path:
     ViTForImageClassification(config).save_pretrained(directory)
     ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(directory)
     return directory
-
-
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def noise_images(count: int, size: int) -> list[Any]:
@@ -171,9 +159,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> None:
     result = measure(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "moderation.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    (out / "moderation.md").write_text(table)
-    print(table)
+    write_result(Path(args.out), "moderation", result, markdown(result))

@@ -172,11 +172,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_result(out: Path, name: str, result: dict[str, Any], table: str) -> None:
+    """`<name>.json` and `<name>.md` in `out`; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def run(args: argparse.Namespace) -> None:
     result = measure(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "provenance.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    (out / "provenance.md").write_text(table)
-    print(table)
+    write_result(Path(args.out), "provenance", result, markdown(result))

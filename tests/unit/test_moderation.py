@@ -64,6 +64,9 @@ def test_blocked_terms_match_whole_words_in_any_case_and_spacing():
     assert "FORBIDDEN" not in refused.error().message  # the content is never echoed
     assert moderation.check_prompt("Gore!", low=False) is not None
     assert moderation.check_prompt("a k1ll screen", low=False) is not None
+    # what looks the same to a reader is the same to the check
+    for disguised in ("Ｇｏｒｅ", "go\u200bre", "GO\u00adRE", "forbidden\u00a0fruit"):
+        assert moderation.check_prompt(disguised, low=False) is not None, ascii(disguised)
     for clean in ("forbidden", "a gorgeous view", "skill", "fruit"):
         assert moderation.check_prompt(clean, low=False) is None, clean
 
