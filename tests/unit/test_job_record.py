@@ -289,6 +289,22 @@ def test_a_models_own_error_fails_the_job_with_it(make_consumer):
     )
 
 
+def test_a_moderation_refusal_while_running_fails_the_job_with_openais_object(make_consumer):
+    """An output refused in the replica: the job fails with the same error object a synchronous
+    request gets, which its job object (and so its webhook) shows; no image is stored."""
+    from serve_app.jobs.objects import job_object
+    from serve_app.moderation import refusal
+
+    consumer = make_consumer(FakeClient(fail=refusal("output image 2 of 3")))
+    job_id = submit(consumer)
+    assert consumer.run_image_job(job_id) == "failed"
+    record = consumer.store.get(job_id)
+    assert not record.images
+    shown = job_object(record, consumer.images, "http://testserver/").error
+    assert (shown.code, shown.type) == ("moderation_blocked", "image_generation_user_error")
+    assert "output image 2 of 3" in shown.message
+
+
 def test_a_lost_replica_puts_the_job_back_for_a_retry(make_consumer, monkeypatch):
     import celery
     from ray.exceptions import ActorDiedError

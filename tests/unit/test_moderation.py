@@ -247,3 +247,23 @@ def test_resolution_reads_moderation_and_says_who_forbids_low():
     request = resolve_generation(ImageGenerationRequest(prompt="a cat"), open_model, 4)
     assert request.moderation == "auto"
     assert request.to_model_request("r").moderation == "auto"
+
+
+def test_a_refusal_mid_stream_is_an_error_event_the_sdk_raises_with_its_code(app, fake):
+    """A preview or output refused after the stream started: `event: error` with the same
+    object as the 400 (through the stock SDK over the ingress, the model faked)."""
+    import openai
+
+    fake.fail_mid_stream = refusal("preview of output image 1 of 1")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=app)
+    stream = client.images.generate(
+        prompt="a cat", size="64x64", stream=True, partial_images=1, extra_body={"seed": 1}
+    )
+    seen = []
+    with pytest.raises(openai.APIError) as info:
+        for event in stream:
+            seen.append(event.type)
+    assert seen == ["image_generation.partial_image"]  # the preview before the refused one
+    assert info.value.code == "moderation_blocked"
+    assert info.value.type == "image_generation_user_error"
+    assert "preview of output image 1 of 1" in info.value.message
