@@ -49,6 +49,12 @@ class KeyStore:
             if not isinstance(loaded, dict) or not loaded:
                 raise ValueError("auth.api_keys_file must map names to keys")
             keys.update({str(name): str(key) for name, key in loaded.items()})
+        unknown = sorted(set(config.moderation_low_keys or ()) - set(keys))
+        if unknown:
+            raise ValueError(
+                f"auth.moderation_low_keys: no API key is named {', '.join(map(repr, unknown))} "
+                f"(the keys: {', '.join(sorted(keys))})"
+            )
         return cls(keys)
 
     def __len__(self) -> int:

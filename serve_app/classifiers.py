@@ -42,7 +42,44 @@ def load_classifier(check: ClassifierCheck, task: str, device: str) -> Classify:
             results = [results]
         return [{entry["label"]: float(entry["score"]) for entry in result} for result in results]
 
-    return classify
+    if task != "text-classification":
+        return classify
+    window = text_window(classifier)
+
+    def classify_texts(texts: Sequence[Any]) -> Scores:
+        """A text longer than the classifier reads is classified in overlapping windows; each
+        label scores its highest over them (truncating would leave the tail unchecked)."""
+        spans = [split_text(classifier.tokenizer, str(text), window) for text in texts]
+        scores = classify([piece for pieces in spans for piece in pieces])
+        out, start = [], 0
+        for pieces in spans:
+            part = scores[start : start + len(pieces)]
+            start += len(pieces)
+            out.append({label: max(s.get(label, 0.0) for s in part) for label in part[0]})
+        return out
+
+    return classify_texts
+
+
+def text_window(classifier: Any) -> int:
+    """Tokens of one window: what the model reads at once, less its special tokens."""
+    tokenizer, config = classifier.tokenizer, classifier.model.config
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    usable = min(int(limit) for limit in limits if limit and limit < 1_000_000)
+    return max(8, usable - tokenizer.num_special_tokens_to_add())
+
+
+def split_text(tokenizer: Any, text: str, window: int) -> list[str]:
+    """`text` as overlapping pieces of at most `window` tokens (half a window of overlap, so a
+    phrase cut by one boundary lies whole in the next piece)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= window:
+        return [text]
+    step = window // 2
+    return [
+        tokenizer.decode(ids[start : start + window])
+        for start in range(0, max(1, len(ids) - step), step)
+    ]
 
 
 def load_moderation(config: ModelConfig, engine_device: str) -> Moderation | None:

@@ -114,7 +114,30 @@ class ImageMarks:
             return encoded
         # An edit's ingredient is the canvas the model was conditioned on (its input images).
         ingredients = [encode_image(canvas, "png") for canvas in request.conditioning]
-        return [self.signer.sign(data, fmt, marks, ingredients) for data in encoded]
+        try:
+            return [self.signer.sign(data, fmt, marks, ingredients) for data in encoded]
+        except Exception as exc:  # noqa: BLE001 - e.g. the time-stamp authority is unreachable
+            logger.warning("C2PA signing failed for request %s: %r", request.request_id, exc)
+            raise APIError(
+                "The images could not be signed (C2PA) just now; nothing unsigned is returned. "
+                "Try again later.",
+                status=503,
+                code="provenance_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
+
+    def encode_previews(self, request: ModelRequest, previews: PreviewImages) -> list[PartialImage]:
+        """Previews carry the marks too (they are images we return), but no C2PA manifest."""
+        marks = self.provenance(request)
+        fmt, compression = request.output_format, request.output_compression
+        return [
+            PartialImage(
+                image_index=previews.first_image_index + k,
+                partial_image_index=previews.partial_index,
+                image=encode_image(image, fmt, compression, provenance=marks),
+            )
+            for k, image in enumerate(previews.images)
+        ]
 
 
 class ImageModel:
@@ -173,6 +196,12 @@ class ImageModel:
         self.engine.load()
         if self.config.warmup:
             self.engine.warmup()
+        # Moderation's classifiers (loaded before memory is measured: they share the device) run
+        # on their own thread: a check never waits for a pipeline call, nor a call for a check.
+        from serve_app.classifiers import load_moderation
+
+        self.moderation: Moderation | None = load_moderation(self.config, self.engine.device)
+        self._moderation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderation")
         if memory_probe is None and self.engine.device == "cuda":
             from serve_app.engine import CudaMemoryProbe
 
@@ -195,12 +224,6 @@ class ImageModel:
         self.adapters = ReplicaAdapters(
             self.config, self.engine, self._pipeline_thread, self.metrics, self._busy_adapters
         )
-        # Moderation's classifiers run on their own thread: a check never waits for a pipeline
-        # call, and the next call never waits for a check.
-        from serve_app.classifiers import load_moderation
-
-        self.moderation: Moderation | None = load_moderation(self.config, self.engine.device)
-        self._moderation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderation")
         self.marks = ImageMarks(self.config)
         self.replica_id = _replica_id()
         logger.info(
@@ -317,14 +340,27 @@ class ImageModel:
         if moderation is not None:
             low = request.low_moderation
             if moderation.checks_prompts:
-                await self._moderate("prompt", moderation.check_prompt, request.prompt, low)
-            if moderation.checks_input_images and request.moderation_inputs:
                 await self._moderate(
-                    "inputs", moderation.check_inputs, request.moderation_inputs, low
+                    request, "prompt", moderation.check_prompt, request.prompt, low
                 )
+            if moderation.checks_input_images:
+                await self._moderate(request, "inputs", self._check_inputs, request, low)
         return tokens
 
-    async def _moderate(self, stage: str, check: Any, *args: Any) -> None:
+    def _check_inputs(self, request: ModelRequest, low: bool) -> Refused | None:
+        """The uploads as the ingress sent them for their check; a request without them (an
+        ingress that predates the check, a job queued before moderation was on) has its
+        conditioning canvas checked instead, so no input goes unchecked."""
+        assert self.moderation is not None
+        inputs = request.moderation_inputs
+        if not inputs:
+            from serve_app.moderation import thumbnails
+
+            canvases = [*request.conditioning, request.init_image]
+            inputs = thumbnails([image for image in canvases if image is not None])
+        return self.moderation.check_inputs(inputs, low) if inputs else None
+
+    async def _moderate(self, request: ModelRequest, stage: str, check: Any, *args: Any) -> None:
         """One moderation check on its thread; a refusal is counted and raised."""
         started = time.monotonic()
         refused: Refused | None = await asyncio.get_running_loop().run_in_executor(
@@ -334,7 +370,7 @@ class ImageModel:
         if refused is not None:
             self.metrics.moderation_refusals.inc(tags={"check": refused.check})
             # Which check refused is logged; what was refused (prompt, pixels) never is.
-            logger.info("moderation refused a request: %s", refused.detail)
+            logger.info("moderation refused request %s: %s", request.request_id, refused.detail)
             raise refused.error()
 
     async def generate(self, request: ModelRequest) -> GenerationResult:
@@ -383,10 +419,9 @@ class ImageModel:
             return [event]
         if self.moderation is not None and self.moderation.checks_output_images:
             # A preview shows the image to come: it passes the output check before it is sent.
-            await self._moderate(
-                "previews", self._check_previews, event, request.low_moderation, request.n
-            )
-        return await asyncio.to_thread(self._encode_previews, request, event)
+            low = request.low_moderation
+            await self._moderate(request, "previews", self._check_previews, event, low, request.n)
+        return await asyncio.to_thread(self.marks.encode_previews, request, event)
 
     def _check_previews(self, previews: PreviewImages, low: bool, total: int) -> Refused | None:
         assert self.moderation is not None
@@ -394,18 +429,6 @@ class ImageModel:
             previews.images, low, total, previews.first_image_index
         )
         return Refused("preview", "preview of " + refused.detail) if refused else None
-
-    @staticmethod
-    def _encode_previews(request: ModelRequest, previews: PreviewImages) -> list[PartialImage]:
-        """Previews carry no provenance marks: they are not the returned or stored images."""
-        return [
-            PartialImage(
-                image_index=previews.first_image_index + k,
-                partial_image_index=previews.partial_index,
-                image=encode_image(image, request.output_format, request.output_compression),
-            )
-            for k, image in enumerate(previews.images)
-        ]
 
     async def _generate(self, request: ModelRequest, text_tokens: int) -> GenerationResult:
         cancel = request.cancel or threading.Event()
@@ -423,7 +446,7 @@ class ImageModel:
         if self.moderation is not None and self.moderation.checks_output_images:
             # Before encoding: a refused image is never encoded, sent, stored or linked.
             check, low = self.moderation.check_outputs, request.low_moderation
-            await self._moderate("outputs", check, images, low, len(images))
+            await self._moderate(request, "outputs", check, images, low, len(images))
         encoded = await asyncio.to_thread(self.marks.encode_all, images, request)
         return GenerationResult(
             images=encoded,

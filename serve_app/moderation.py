@@ -55,24 +55,46 @@ class Refused:
         return refusal(self.detail)
 
 
+# Characters that show nothing (Unicode's default-ignorable code points beyond the format
+# category Cf, and blank fillers): removed before matching, as format characters are.
+_INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2800, 0x3164,
+     0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]
+)  # fmt: skip
+# A word's edge: not a letter or digit (`_` counts as a separator, as tokenizers read it).
+_START, _END = r"(?<![^\W_])", r"(?![^\W_])"
+
+
 def normalized(text: str) -> str:
-    """What the term check reads: NFKC (full-width and other compatibility forms become their
-    plain letters), case-folded, without invisible format characters (zero-width spaces and
-    joiners, soft hyphens), which would otherwise split a word without showing."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(char for char in folded if unicodedata.category(char) != "Cf")
+    """What the term check reads: compatibility forms as their plain letters (NFKC: full-width
+    letters, ligatures), accents removed (NFKD without combining marks), case-folded, and without
+    invisible characters (format characters such as zero-width spaces and soft hyphens, variation
+    selectors, fillers), which would otherwise split or disguise a word without showing."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    kept = "".join(
+        char
+        for char in decomposed
+        if unicodedata.category(char) not in ("Mn", "Cf") and ord(char) not in _INVISIBLE
+    )
+    return unicodedata.normalize("NFKC", kept).casefold()
 
 
-def _term_pattern(terms: Sequence[str], patterns: Sequence[str]) -> re.Pattern[str] | None:
-    """One case-insensitive regex over the normalized prompt: each normalized term as whole
-    words (any run of spaces between its words), then the operator's patterns as written."""
-    parts = [
-        r"(?<!\w)" + r"\s+".join(re.escape(word) for word in normalized(term).split()) + r"(?!\w)"
-        for term in terms
-        if term.strip()
-    ]
-    parts += [f"(?:{pattern})" for pattern in patterns]
-    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+def term_regex(term: str) -> re.Pattern[str] | None:
+    """A blocked term as whole words of the normalized text; between its words any run of
+    separators, or none ("blood bath" also finds "blood-bath", "blood_bath", "bloodbath")."""
+    words = normalized(term).split()
+    if not words:
+        return None
+    body = r"[\W_]*".join(re.escape(word) for word in words)
+    return re.compile(_START + body + _END)
+
+
+def _prompt_checks(terms: Sequence[str], patterns: Sequence[str]) -> list[re.Pattern[str]]:
+    """The terms as one regex (a single pass over the prompt) and each operator pattern on its
+    own (joined, their flags, group names and backreferences would collide)."""
+    regexes = [regex for regex in map(term_regex, terms) if regex is not None]
+    checks = [re.compile("|".join(r.pattern for r in regexes))] if regexes else []
+    return checks + [re.compile(pattern, re.IGNORECASE) for pattern in patterns]
 
 
 def flagged_score(scores: dict[str, float], check: ClassifierCheck) -> float:
@@ -96,7 +118,7 @@ class Moderation:
         image_classifier: Classify | None = None,
     ) -> None:
         self.config = config
-        self._terms = _term_pattern(config.blocked_terms, config.blocked_patterns)
+        self._terms = _prompt_checks(config.blocked_terms, config.blocked_patterns)
         self._text = text_classifier if config.text_classifier else None
         self._image = image_classifier if config.image_classifier else None
 
@@ -113,8 +135,9 @@ class Moderation:
         return self.config.checks_output_images and self._image is not None
 
     def check_prompt(self, prompt: str, low: bool) -> Refused | None:
-        if self._terms is not None and (self.config.terms_under_low or not low):
-            if self._terms.search(normalized(prompt)):
+        if self._terms and (self.config.terms_under_low or not low):
+            text = normalized(prompt)
+            if any(regex.search(text) for regex in self._terms):
                 return Refused("blocked_terms", "prompt: blocked terms")
         check = self.config.text_classifier
         if self._text is not None and check is not None:

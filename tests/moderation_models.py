@@ -4,8 +4,9 @@ through the same transformers `pipeline` path as a real hub classifier.
 - The image classifier is a ConvNeXt with weights set by hand: it flags an image (`nsfw`, score
   ~0.9997) when most of its 4x4 patches are strongly red (R high, G and B low), and scores ~0.0003
   otherwise, so a red input deterministically fails and the tiny model's noise passes.
-- The text classifier is a BERT with seeded random weights and a small word vocabulary; its
-  threshold is placed between the scores of two chosen prompts (`text_threshold`).
+- The text classifier is a BERT with seeded random weights over a small word vocabulary (every
+  word of the test prompts is a token of its own); its threshold is placed between the scores of
+  two chosen prompts (`text_threshold`), and the test asserts they are far apart.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def save_text_classifier(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TEXT_WORDS]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"))
     torch.manual_seed(7)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -84,8 +85,9 @@ def save_text_classifier(directory: Path) -> Path:
         max_position_embeddings=64,
         initializer_range=0.5,  # wide enough that a few words move the scores
         num_labels=2,
-        id2label={0: "safe", 1: "unsafe"},
-        label2id={"safe": 0, "unsafe": 1},
+        # Label 0 is the one these seeded weights score the flagged prompt higher on.
+        id2label={0: "unsafe", 1: "safe"},
+        label2id={"unsafe": 0, "safe": 1},
     )
     BertForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -104,5 +106,5 @@ def text_threshold(directory: Path) -> tuple[str, float]:
     )
     label = max(("safe", "unsafe"), key=lambda name: flagged[name] - clean[name])
     margin = flagged[label] - clean[label]
-    assert margin > 1e-3, f"the tiny text classifier barely tells the prompts apart ({margin})"
+    assert label == "unsafe" and margin > 0.1, f"the prompts' scores are too close ({margin})"
     return label, (flagged[label] + clean[label]) / 2

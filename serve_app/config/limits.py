@@ -136,3 +136,12 @@ class AuthConfig(StrictModel):
     @property
     def enabled(self) -> bool:
         return bool(self.api_keys_env or self.api_keys_file)
+
+    @model_validator(mode="after")
+    def _low_keys_need_keys(self) -> AuthConfig:
+        if self.moderation_low_keys is not None and not self.enabled:
+            raise ValueError(
+                "auth.moderation_low_keys names API keys, but no keys are configured "
+                "(api_keys_env / api_keys_file): without keys no request has a name"
+            )
+        return self

@@ -44,11 +44,14 @@ class ProvenanceConfig(StrictModel):
     enabled: bool = Field(
         default=True,
         description="Write XMP (IPTC `DigitalSourceType`) and EXIF `Software` into every "
-        "PNG, JPEG and WebP this model returns or stores. Streaming previews are not marked.",
+        "PNG, JPEG and WebP this model returns or stores, streamed previews included (they get "
+        "no C2PA manifest).",
     )
     software: str = Field(
         default="serve-app",
         min_length=1,
+        max_length=200,
+        pattern=r"^[ -~]+$",  # printable ASCII: EXIF Software is ASCII, XMP takes no controls
         description="Server name written into EXIF `Software` (followed by the model id).",
     )
     c2pa: C2paConfig | None = Field(

@@ -56,11 +56,14 @@ class SafetyConfig(StrictModel):
     enabled: bool = Field(default=False, description="Run the checks below on every request.")
     blocked_terms: list[str] = Field(
         default_factory=list,
-        description="Words or phrases refused in a prompt: case-insensitive, whole words.",
+        description="Words or phrases refused in a prompt: whole words, matched after Unicode "
+        "normalisation (case, accents, compatibility forms, invisible characters).",
     )
     blocked_patterns: list[str] = Field(
         default_factory=list,
-        description="Regular expressions refused in a prompt (Python `re`, case-insensitive).",
+        description="Regular expressions refused in a prompt (Python `re`, case-insensitive, "
+        "each on its own), matched like the terms against the normalised prompt "
+        "(docs/operations.md).",
     )
     terms_under_low: bool = Field(
         default=True,
@@ -94,6 +97,30 @@ class SafetyConfig(StrictModel):
         description="Where the classifiers run; `auto` = the model's device (they are small "
         "next to the model).",
     )
+
+    @field_validator("blocked_terms")
+    @classmethod
+    def _visible_terms(cls, terms: list[str]) -> list[str]:
+        from serve_app.moderation import normalized
+
+        empty = [term for term in terms if not normalized(term).split()]
+        if empty:
+            raise ValueError(
+                f"blocked_terms: {', '.join(map(ascii, empty))} has no visible characters "
+                "(it would match between any two words)"
+            )
+        return terms
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> SafetyConfig:
+        if self.enabled and not (
+            self.checks_prompts or self.checks_input_images or self.checks_output_images
+        ):
+            raise ValueError(
+                "safety.enabled with nothing to check: set blocked_terms, blocked_patterns, "
+                "text_classifier or image_classifier (or turn safety off)"
+            )
+        return self
 
     @field_validator("blocked_patterns")
     @classmethod

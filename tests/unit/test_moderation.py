@@ -9,7 +9,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from serve_app.classifiers import load_classifier
-from serve_app.config import ClassifierCheck, SafetyConfig
+from serve_app.config import AuthConfig, ClassifierCheck, SafetyConfig
 from serve_app.contract import APIError, ModelRequest, PreviewImages
 from serve_app.engine import ImageEngine
 from serve_app.model import ImageModel
@@ -64,11 +64,43 @@ def test_blocked_terms_match_whole_words_in_any_case_and_spacing():
     assert "FORBIDDEN" not in refused.error().message  # the content is never echoed
     assert moderation.check_prompt("Gore!", low=False) is not None
     assert moderation.check_prompt("a k1ll screen", low=False) is not None
-    # what looks the same to a reader is the same to the check
-    for disguised in ("Ｇｏｒｅ", "go\u200bre", "GO\u00adRE", "forbidden\u00a0fruit"):
+    # what looks the same to a reader (or a tokenizer) is the same to the check
+    disguises = [
+        "Ｇｏｒｅ", "go\u200bre", "GO\u00adRE", "go\ufe0fre", "go\u034fre", "go\u115fre",
+        "go\u0301re", "góre", "gore_scene", "forbidden\u00a0fruit", "forbidden-fruit",
+        "forbidden_fruit", "forbiddenfruit", "forbidden\u200bfruit",
+    ]  # fmt: skip
+    for disguised in disguises:
         assert moderation.check_prompt(disguised, low=False) is not None, ascii(disguised)
-    for clean in ("forbidden", "a gorgeous view", "skill", "fruit"):
+    for clean in ("forbidden", "a gorgeous view", "skill", "fruit", "a  cat.", "gores"):
         assert moderation.check_prompt(clean, low=False) is None, clean
+
+
+def test_operator_patterns_each_keep_their_own_flags_and_groups():
+    patterns = [r"(?x) s  e  c  r  e  t", r"(a)\1", r"(b)\1", r"(?P<w>x)y", r"(?P<w>z)q"]
+    moderation = Moderation(SafetyConfig(enabled=True, blocked_patterns=patterns))
+    for prompt in ("SECRET", "aa", "bb", "xy", "zq"):
+        assert moderation.check_prompt(prompt, low=False) is not None, prompt
+    assert moderation.check_prompt("ab xz", low=False) is None
+
+
+def test_configs_that_would_check_nothing_or_everything_are_refused():
+    with pytest.raises(ValidationError, match="no visible characters"):
+        SafetyConfig(enabled=True, blocked_terms=["\u200b"])
+    with pytest.raises(ValidationError, match="nothing to check"):
+        SafetyConfig(enabled=True)
+    with pytest.raises(ValidationError, match="no keys are configured"):
+        AuthConfig(moderation_low_keys=["alice"])
+
+
+def test_low_keys_must_name_configured_keys(tmp_path):
+    from serve_app.auth import KeyStore
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("alice: sk-alice-1234567890\nbob: sk-bob-1234567890\n")
+    KeyStore.from_config(AuthConfig(api_keys_file=str(keys), moderation_low_keys=["alice"]))
+    with pytest.raises(ValueError, match="no API key is named 'alcie'"):
+        KeyStore.from_config(AuthConfig(api_keys_file=str(keys), moderation_low_keys=["alcie"]))
 
 
 def test_low_relaxes_only_what_the_config_says():
@@ -139,6 +171,27 @@ def test_the_tiny_text_classifier_splits_the_chosen_prompts(moderation_models):
     refused = moderation.check_prompt(FLAGGED_PROMPT, low=False)
     assert refused is not None and refused.check == "text_classifier"
     assert moderation.check_prompt(CLEAN_PROMPT, low=False) is None
+
+
+def test_a_prompt_longer_than_the_text_classifier_reads_is_checked_in_windows(moderation_models):
+    """Past the tiny BERT's 64 positions: no crash (it was a 500), and every token is in some
+    window, the tail included."""
+    from transformers import AutoTokenizer
+
+    from serve_app.classifiers import split_text
+
+    check = text_check(moderation_models)
+    classify = load_classifier(check, "text-classification", "cpu")
+    long_prompt = "a calm lake at dawn " * 40 + FLAGGED_PROMPT
+    [scores] = classify([long_prompt])
+    assert set(scores) == {"safe", "unsafe"}
+    tokenizer = AutoTokenizer.from_pretrained(moderation_models["text"])
+    pieces = split_text(tokenizer, long_prompt, 20)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces]
+    assert len(pieces) > 1 and all(len(i) <= 20 for i in ids)
+    assert pieces[-1].endswith(FLAGGED_PROMPT)
+    whole = tokenizer(long_prompt, add_special_tokens=False)["input_ids"]
+    assert sum(len(i) for i in ids[::2]) >= len(whole) - 20  # windows overlap by half
 
 
 # --- in the model replica ----------------------------------------------------------------------
@@ -217,6 +270,30 @@ def test_one_flagged_output_refuses_the_whole_request_and_low_relaxes_it(model):
     assert len(low.images) == 3
 
 
+def test_a_request_without_its_inputs_copies_has_its_canvas_checked(model):
+    """An input check never passes for want of copies (an older ingress, an old queued job)."""
+    request = make_job(prompt=CLEAN_PROMPT, conditioning=(red_image(),))
+    assert "input image 1" in refused(model.check_request(request)).message
+    assert asyncio.run(model.check_request(make_job(prompt=CLEAN_PROMPT, conditioning=(noise(3),))))
+
+
+def test_previews_carry_the_marks_too(model):
+    request = make_job(prompt=CLEAN_PROMPT, seeds=(7,))
+    [event] = asyncio.run(model._stream_events(request, PreviewImages(0, 0, 0, [noise(1)])))
+    assert b"trainedAlgorithmicMedia" in event.image
+
+
+def test_a_signing_failure_is_a_503_and_returns_nothing_unsigned(model, monkeypatch):
+    class BrokenSigner:
+        def sign(self, *args):
+            raise RuntimeError("time-stamp authority unreachable")
+
+    monkeypatch.setattr(model.marks, "signer", BrokenSigner())
+    with pytest.raises(APIError) as info:
+        asyncio.run(model.generate(make_job(prompt=CLEAN_PROMPT)))
+    assert (info.value.status, info.value.code) == (503, "provenance_unavailable")
+
+
 def test_a_flagged_preview_is_never_sent(model):
     request = make_job(prompt=CLEAN_PROMPT, seeds=(7, 8))
     previews = PreviewImages(partial_index=0, step=0, first_image_index=0,
@@ -233,7 +310,9 @@ def test_resolution_reads_moderation_and_says_who_forbids_low():
     from serve_app.protocol import ImageGenerationRequest
     from serve_app.resolution import resolve_generation
 
-    strict = ModelConfig(id="m", source="tiny", safety={"enabled": True, "allow_low": False})
+    strict = ModelConfig(
+        id="m", source="tiny", safety={"enabled": True, "blocked_terms": ["x"], "allow_low": False}
+    )
     models = {"m": strict}
     low = ImageGenerationRequest(prompt="a cat", moderation="low")
     with pytest.raises(APIError) as info:
