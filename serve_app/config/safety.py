@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from serve_app.config.base import StrictModel
+from serve_app.textnorm import normalized
 
 
 class ClassifierCheck(StrictModel):
@@ -101,8 +102,6 @@ class SafetyConfig(StrictModel):
     @field_validator("blocked_terms")
     @classmethod
     def _visible_terms(cls, terms: list[str]) -> list[str]:
-        from serve_app.moderation import normalized
-
         empty = [term for term in terms if not normalized(term).split()]
         if empty:
             raise ValueError(
