@@ -2,6 +2,8 @@
 FLUX.1 [dev] family's pipelines (text-to-image, image-to-image edits and variations, inpainting)
 on its embedded tiny model, each input changing the output."""
 
+import asyncio
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -774,3 +776,60 @@ def test_every_family_measures_its_memory_fit_at_warm_up(fixture, request):
     roomy = fit.base_bytes + 10.5 * fit.bytes_per_pixel * 64 * 64
     bigger = type(fit)(fit.base_bytes, fit.bytes_per_pixel, int(roomy / fit.headroom) + 1)
     assert fit.max_images(64, 64) == 0 and bigger.max_images(64, 64) == 10
+
+
+class Preloaded:
+    """An `engine_cls` handing the model replica an engine the module already loaded."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __call__(self, config):
+        return self
+
+    def load(self) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.mark.parametrize("fixture", list(FAMILY_ENGINES))
+def test_every_family_is_moderated_and_marked(fixture, request, moderation_models):
+    """The replica's checks and marks do not depend on the family: a blocked prompt and a
+    flagged input are refused, the outputs are classified before encoding, and every image
+    carries the IPTC source type and the model in EXIF Software."""
+    from serve_app.config import SafetyConfig
+    from serve_app.model import ImageModel
+    from tests.moderation_models import red_image
+    from tests.unit.conftest import Recorder
+
+    engine = request.getfixturevalue(fixture)
+    guidance, needs_image = FAMILY_ENGINES[fixture]
+    safety = SafetyConfig(
+        enabled=True,
+        blocked_terms=["gore"],
+        image_classifier={"source": moderation_models["image"], "flagged_labels": ["nsfw"],
+                          "threshold": 0.5},
+    )  # fmt: skip
+    config = engine.config.model_copy(update={"warmup": False, "safety": safety})
+    replica = ImageModel(config.model_dump(), engine_cls=Preloaded(engine))
+    replica.metrics.moderation_seconds = Recorder()
+    # (the tiny classifier flags mostly-red images: this canvas is checked as the input)
+    inputs = {"conditioning": (halves("white", "blue"),)} if needs_image else {}
+    job = make_job(steps=2, guidance=guidance, seeds=(1, 2), **inputs)
+
+    result = asyncio.run(replica.generate(job))
+    assert len(result.images) == 2
+    for data in result.images:
+        assert b"trainedAlgorithmicMedia" in data
+        assert config.id in Image.open(io.BytesIO(data)).getexif()[0x0131]
+    stages = [tags["stage"] for _, tags in replica.metrics.moderation_seconds.calls]
+    assert "outputs" in stages and "prompt" in stages
+    for refused in (
+        replace(job, prompt="some gore"),
+        replace(job, moderation_inputs=(red_image(),)),
+    ):
+        with pytest.raises(APIError) as info:
+            asyncio.run(replica.generate(refused))
+        assert info.value.code == "moderation_blocked"
