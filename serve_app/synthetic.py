@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import string
 import sys
 from collections.abc import Callable
 from typing import Any, cast
 
 from serve_app.geometry import PATCH, parse_wxh
+from serve_app.random_weights import randomize
 
 SEED = 0
 T5_PIECES = 32000  # sentencepiece pieces of T5-v1.1; the tokenizer adds 100 extra ids
@@ -105,13 +105,6 @@ COMPONENTS = {
     "text_encoder_2": T5_ENCODER,
     "vae": VAE,
 }
-# Linear layers whose output is added to a residual stream: scaled down by the stream's depth.
-_RESIDUAL_OUTPUTS = (
-    "attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2",  # FLUX double blocks
-    "single_transformer_blocks.*.proj_out",  # FLUX single blocks
-    "SelfAttention.o", "DenseReluDense.wo",  # T5
-    "self_attn.out_proj", "mlp.fc2",  # CLIP
-)  # fmt: skip
 
 
 def build_components(
@@ -140,37 +133,6 @@ def build_components(
             }
     finally:
         torch.set_default_dtype(default_dtype)
-
-
-def _is_residual_output(name: str) -> bool:
-    parts = name.split(".")
-    for pattern in _RESIDUAL_OUTPUTS:
-        wanted = pattern.split(".")
-        for start in range(len(parts) - len(wanted) + 1):
-            window = parts[start : start + len(wanted)]
-            if all(w in ("*", p) for w, p in zip(wanted, window, strict=True)):
-                return True
-    return False
-
-
-def randomize(module, depth: int, generator) -> None:
-    """Re-draw every weight in place: linear and conv weights from N(0, 1/fan_in) (outputs keep
-    their inputs' scale), residual-branch outputs further by 1/sqrt(2 * depth) (the stream
-    grows by O(1) over all blocks), embeddings from N(0, 1), biases zero; norms stay 1/0."""
-    import torch
-    from torch import nn
-
-    with torch.no_grad():
-        for name, layer in module.named_modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                std = 1 / math.sqrt(layer.weight[0].numel())
-                if _is_residual_output(name):
-                    std /= math.sqrt(2 * depth)
-                layer.weight.normal_(0, std, generator=generator)
-                if layer.bias is not None:
-                    layer.bias.zero_()
-            elif isinstance(layer, nn.Embedding):
-                layer.weight.normal_(0, 1, generator=generator)
 
 
 def build_tokenizers():

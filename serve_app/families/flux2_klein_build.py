@@ -345,7 +345,7 @@ def build_tiny_pipeline():
 # ---------------------------------------------------------------------------------------------
 
 # Linear layers whose output is added to a residual stream, beyond the FLUX.1 ones
-# `serve_app.synthetic.randomize` already scales (`attn.to_out.0`, `attn.to_add_out`): scaled
+# `serve_app.random_weights.randomize` already scales (`attn.to_out.0`, `attn.to_add_out`): scaled
 # down by the stream's depth as well.
 _RESIDUAL_OUTPUTS = (
     "ff.linear_out", "ff_context.linear_out",  # FLUX.2 double blocks
@@ -354,34 +354,23 @@ _RESIDUAL_OUTPUTS = (
 )  # fmt: skip
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    for pattern in patterns:
-        wanted = pattern.split(".")
-        for start in range(len(parts) - len(wanted) + 1):
-            window = parts[start : start + len(wanted)]
-            if all(w in ("*", p) for w, p in zip(wanted, window, strict=True)):
-                return True
-    return False
-
-
 def _randomize(module, depth: int, generator) -> None:
-    """`serve_app.synthetic.randomize` (N(0, 1/fan_in) weights, N(0, 1) embeddings, zero biases,
-    FLUX.1's residual outputs / sqrt(2 depth)), then FLUX.2's and Qwen3's residual outputs scaled
-    down by 1/sqrt(2 depth) too. A tied input embedding is re-drawn last (the tied `lm_head`
+    """`serve_app.random_weights.randomize` (N(0, 1/fan_in) weights, N(0, 1) embeddings, zero
+    biases, FLUX.1's residual outputs / sqrt(2 depth)), then FLUX.2's and Qwen3's residual outputs
+    scaled down by 1/sqrt(2 depth) too. A tied input embedding is re-drawn last (the tied `lm_head`
     Linear would otherwise leave it at 1/sqrt(hidden))."""
     import torch
     from torch import nn
 
-    from serve_app.synthetic import _is_residual_output, randomize
+    from serve_app.random_weights import FLUX_RESIDUAL_OUTPUTS, matches, randomize
 
     randomize(module, depth, generator)
     with torch.no_grad():
         for name, layer in module.named_modules():
             if (
                 isinstance(layer, nn.Linear)
-                and _matches(name, _RESIDUAL_OUTPUTS)
-                and not _is_residual_output(name)
+                and matches(name, _RESIDUAL_OUTPUTS)
+                and not matches(name, FLUX_RESIDUAL_OUTPUTS)
             ):
                 layer.weight.mul_(1 / math.sqrt(2 * depth))
         get_input_embeddings = getattr(module, "get_input_embeddings", None)

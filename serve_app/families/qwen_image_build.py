@@ -14,7 +14,7 @@ Two kinds of model, as for FLUX.1 Kontext (`serve_app.tiny`, `serve_app.syntheti
   and loaded back through `from_pretrained` like real weights. Images are noise.
 * `source: synthetic`: the published architecture as data (the hub `config.json` values) built
   on any device in any dtype, with seeded bf16-stable random weights
-  (`serve_app.synthetic.randomize` plus the Qwen residual-output names and the VAE's 3-D
+  (`serve_app.random_weights.randomize` plus the Qwen residual-output names and the VAE's 3-D
   convolutions) and tokenizers with the real vocabulary (151,643 byte-level BPE ids + 22
   specials at their real ids).
 
@@ -448,31 +448,20 @@ _RESIDUAL_OUTPUTS = (
 )  # fmt: skip
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    for pattern in patterns:
-        wanted = pattern.split(".")
-        for start in range(len(parts) - len(wanted) + 1):
-            window = parts[start : start + len(wanted)]
-            if all(w in ("*", p) for w, p in zip(wanted, window, strict=True)):
-                return True
-    return False
-
-
 def randomize(module, depth: int, generator) -> None:
-    """`serve_app.synthetic.randomize` (linear/conv2d from N(0, 1/fan_in), embeddings N(0, 1),
+    """`serve_app.random_weights.randomize` (linear/conv2d from N(0, 1/fan_in), embeddings N(0, 1),
     biases 0), then the pieces it does not know: Qwen's residual-branch outputs re-drawn with the
     extra 1/sqrt(2 * depth), and 3-D convolutions (the VAE's causal convs, the ViT patch embed)
     drawn like the 2-D ones."""
     import torch
     from torch import nn
 
-    from serve_app import synthetic
+    from serve_app import random_weights
 
-    synthetic.randomize(module, depth, generator)
+    random_weights.randomize(module, depth, generator)
     with torch.no_grad():
         for name, layer in module.named_modules():
-            if isinstance(layer, nn.Linear) and _matches(name, _RESIDUAL_OUTPUTS):
+            if isinstance(layer, nn.Linear) and random_weights.matches(name, _RESIDUAL_OUTPUTS):
                 std = 1 / math.sqrt(layer.weight[0].numel()) / math.sqrt(2 * depth)
                 layer.weight.normal_(0, std, generator=generator)
             elif isinstance(layer, nn.Conv3d):
