@@ -46,7 +46,7 @@ from serve_app.contract import (
 from serve_app.lora import ReplicaAdapters
 from serve_app.memory_fit import MemoryFit, batch_limit, one_image_per_call
 from serve_app.metrics import ModelMetrics
-from serve_app.moderation import Moderation, Refused
+from serve_app.moderation import Moderation, Refused, thumbnails
 from serve_app.provenance import Provenance, provenance_for
 
 logger = logging.getLogger("ray.serve")
@@ -354,8 +354,6 @@ class ImageModel:
         assert self.moderation is not None
         inputs = request.moderation_inputs
         if not inputs:
-            from serve_app.moderation import thumbnails
-
             canvases = [*request.conditioning, request.init_image]
             inputs = thumbnails([image for image in canvases if image is not None])
         return self.moderation.check_inputs(inputs, low) if inputs else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
+from typing import Any
 
 # C2PA claim-signing EKU (C2PA 2.x trust model).
 C2PA_CLAIM_SIGNING_OID = "1.3.6.1.4.1.62558.2.1"
@@ -47,17 +48,7 @@ def make_signing_identity(directory: str | os.PathLike[str]) -> tuple[Path, Path
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(certificate_authority=True),
             critical=True,
         )
         .add_extension(root_ski, critical=False)
@@ -83,17 +74,7 @@ def make_signing_identity(directory: str | os.PathLike[str]) -> tuple[Path, Path
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(certificate_authority=False),
             critical=True,
         )
         .add_extension(
@@ -125,3 +106,20 @@ def make_signing_identity(directory: str | os.PathLike[str]) -> tuple[Path, Path
     )
     key_path.chmod(0o600)
     return chain_path, key_path, root_pem
+
+
+def _key_usage(certificate_authority: bool) -> Any:
+    """A CA signs certificates (and CRLs); the signer signs manifests (digitalSignature)."""
+    from cryptography import x509
+
+    return x509.KeyUsage(
+        digital_signature=not certificate_authority,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=certificate_authority,
+        crl_sign=certificate_authority,
+        encipher_only=False,
+        decipher_only=False,
+    )
